@@ -1,0 +1,84 @@
+// blockwise-inl.h — 8-bit blockwise quantization kernels, written once against an `Ops` vector
+// interface (simd_avx2.h / simd_avx512.h) and included by each ISA unit inside its own namespace.
+// Every vector loop ends in the per-element functions of scalar_ops.h, so tails are not special.
+//
+// No include guard: each ISA unit includes it once, after defining its Ops.
+
+// max |x| over [x, x + len), Note [scaling rule].
+template <class T>
+inline float block_absmax(const T* x, int64_t len) {
+  int64_t i = 0;
+  AbsmaxAccumulator acc;
+  if (len >= Ops::N) {
+    typename Ops::F vmax = Ops::zero();
+    typename Ops::M nan = Ops::none();
+    for (; i + Ops::N <= len; i += Ops::N) {
+      const typename Ops::F a = Ops::abs(Ops::load(x + i));
+      nan = Ops::or_(nan, Ops::isnan(a));
+      vmax = Ops::max(vmax, a);
+    }
+    acc.nan = Ops::any(nan);
+    if (!acc.nan) acc.max = Ops::reduce_max(vmax);
+  }
+  for (; i < len; ++i) acc.add(to_f32(x[i]));
+  return acc.result();
+}
+
+// Exact nearest-code indices of Ops::N scaled values, Note [8-bit code search].
+inline typename Ops::I code_indices(typename Ops::F s, const CodeLut& lut) {
+  typename Ops::I idx;
+  if (lut.max_in_bin <= kMaxLutSteps) {
+    idx = Ops::gather_u8(lut.bin_count, Ops::order_key16(s));
+    for (int k = 0; k < lut.max_in_bin; ++k) idx = Ops::add_where(idx, Ops::lt(Ops::gather(lut.mids, idx), s), 1);
+  } else {
+    idx = Ops::zero_i();
+    for (int step = 128; step >= 1; step >>= 1) {
+      const typename Ops::F m = Ops::gather(lut.mids, Ops::add_i(idx, Ops::set1_i(step - 1)));
+      idx = Ops::add_where(idx, Ops::lt(m, s), step);
+    }
+  }
+  return Ops::zero_where(idx, Ops::isnan(s));
+}
+
+template <class T>
+void quantize_blockwise(const T* x, int64_t n, int64_t blocksize, const CodeLut* lut, float* absmax,
+                        uint8_t* codes, int threads) {
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  parallel_for_blocks(nblocks, blocksize, threads, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t start = b * blocksize;
+      const int64_t len = start + blocksize <= n ? blocksize : n - start;
+      const T* xb = x + start;
+      uint8_t* qb = codes + start;
+      const float amax = block_absmax(xb, len);
+      absmax[b] = amax;
+      const float inv = block_reciprocal(amax);
+      const typename Ops::F vinv = Ops::set1(inv);
+      int64_t i = 0;
+      for (; i + Ops::N <= len; i += Ops::N) {
+        const typename Ops::F s = Ops::clamp_unit(Ops::mul(Ops::load(xb + i), vinv));
+        Ops::store_u8(qb + i, code_indices(s, *lut));
+      }
+      for (; i < len; ++i) qb[i] = nearest_code_index(scale_and_clamp(to_f32(xb[i]), inv), lut->mids);
+    }
+  });
+}
+
+template <class T>
+void dequantize_blockwise(const uint8_t* codes, int64_t n, int64_t blocksize, const float* code,
+                          const float* absmax, T* out, int threads) {
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  parallel_for_blocks(nblocks, blocksize, threads, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t start = b * blocksize;
+      const int64_t len = start + blocksize <= n ? blocksize : n - start;
+      const uint8_t* qb = codes + start;
+      T* ob = out + start;
+      const float scale = absmax[b];
+      const typename Ops::F vscale = Ops::set1(scale);
+      int64_t i = 0;
+      for (; i + Ops::N <= len; i += Ops::N) Ops::store(ob + i, Ops::mul(Ops::gather(code, Ops::load_u8(qb + i)), vscale));
+      for (; i < len; ++i) from_f32(code[qb[i]] * scale, ob + i);
+    }
+  });
+}

@@ -1,0 +1,127 @@
+// simd_avx2.h — the vector operations the kernel templates (*-inl.h) use, for AVX2 + F16C.
+// Include only from kernels_avx2.cpp, the one unit built with AVX2 flags.
+#pragma once
+
+#include <immintrin.h>
+
+#include "scalar_ops.h"
+
+namespace kbit {
+namespace avx2 {
+
+struct Ops {
+  static constexpr int N = 8;  // float32 lanes
+  using F = __m256;
+  using I = __m256i;
+  using M = __m256i;  // all-ones lanes where true
+
+  // ---- loads and stores (one rounding, Note [bf16 rounding]) ----
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static F load(const bf16_t* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static F load(const f16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static void store(bf16_t* p, F v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(kBf16QuietNaN), isnan(v));
+    // Pack 8 x u32 (each < 65536) to 8 x u16: packus works within 128-bit halves, so fix the order.
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+  static void store(f16_t* p, F v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+
+  // ---- arithmetic ----
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F zero() { return _mm256_setzero_ps(); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F abs(F a) { return _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static M isnan(F a) { return _mm256_castps_si256(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)); }
+  static M lt(F a, F b) { return _mm256_castps_si256(_mm256_cmp_ps(a, b, _CMP_LT_OQ)); }
+  static bool any(M m) { return !_mm256_testz_si256(m, m); }
+  static M or_(M a, M b) { return _mm256_or_si256(a, b); }
+  static M none() { return _mm256_setzero_si256(); }
+  static float reduce_max(F a) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+  }
+  static F clamp_unit(F s) { return _mm256_min_ps(_mm256_set1_ps(1.0f), _mm256_max_ps(_mm256_set1_ps(-1.0f), s)); }
+
+  // ---- integer lanes ----
+  static I zero_i() { return _mm256_setzero_si256(); }
+  static I set1_i(int v) { return _mm256_set1_epi32(v); }
+  static I add_i(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I or_i(I a, I b) { return _mm256_or_si256(a, b); }
+  static I add_where(I a, M m, int k) { return _mm256_add_epi32(a, _mm256_and_si256(m, _mm256_set1_epi32(k))); }
+  static I zero_where(I a, M m) { return _mm256_andnot_si256(m, a); }
+  static I order_key16(F s) {
+    const __m256i u = _mm256_castps_si256(s);
+    const __m256i neg = _mm256_srai_epi32(u, 31);  // all ones for negative lanes
+    // negative: ~u; positive: u | 0x80000000  ==  (u ^ neg) | (~neg & 0x80000000)
+    const __m256i key = _mm256_or_si256(_mm256_xor_si256(u, neg),
+                                        _mm256_andnot_si256(neg, _mm256_set1_epi32(int(0x80000000u))));
+    return _mm256_srli_epi32(key, 16);
+  }
+  static I gather_u8(const uint8_t* table, I idx) {
+    return _mm256_and_si256(_mm256_i32gather_epi32(reinterpret_cast<const int*>(table), idx, 1),
+                            _mm256_set1_epi32(0xff));
+  }
+  static F gather(const float* table, I idx) { return _mm256_i32gather_ps(table, idx, 4); }
+
+  // 16-entry table in two registers; idx in 0..15.
+  struct T16 {
+    __m256 lo, hi;
+  };
+  struct T16i {
+    __m256i lo, hi;
+  };
+  static T16 table16(const float* t) { return {_mm256_loadu_ps(t), _mm256_loadu_ps(t + 8)}; }
+  static T16i table16_i(const int32_t* t) {
+    return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t)),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 8))};
+  }
+  static F lookup16(T16 t, I idx) {
+    const __m256 lo = _mm256_permutevar8x32_ps(t.lo, idx);
+    const __m256 hi = _mm256_permutevar8x32_ps(t.hi, idx);
+    const __m256i upper = _mm256_slli_epi32(idx, 28);  // bit 3 -> sign bit
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(upper));
+  }
+  static I lookup16_i(T16i t, I idx) {
+    return _mm256_castps_si256(lookup16({_mm256_castsi256_ps(t.lo), _mm256_castsi256_ps(t.hi)}, idx));
+  }
+
+  // ---- bytes ----
+  static I load_u8(const uint8_t* p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  }
+  static void store_u8(uint8_t* p, I v) {
+    const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(w, w));
+  }
+  // Note [nibble order]: codes of elements 0..N-1 in c0 and N..2N-1 in c1 -> N packed bytes.
+  static void store_nibbles(uint8_t* p, I c0, I c1) {
+    const __m128i w0 = _mm_packus_epi32(_mm256_castsi256_si128(c0), _mm256_extracti128_si256(c0, 1));
+    const __m128i w1 = _mm_packus_epi32(_mm256_castsi256_si128(c1), _mm256_extracti128_si256(c1, 1));
+    const __m128i bytes = _mm_packus_epi16(w0, w1);  // codes of elements 0..15 as bytes
+    const __m128i packed = _mm_or_si128(_mm_slli_epi16(bytes, 4), _mm_srli_epi16(bytes, 8));
+    const __m128i lowbytes = _mm_and_si128(packed, _mm_set1_epi16(0x00ff));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(lowbytes, lowbytes));
+  }
+  static void load_nibbles(const uint8_t* p, I* c0, I* c1) {
+    const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m128i pairs = _mm_or_si128(_mm_srli_epi16(b, 4), _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x0f)), 8));
+    *c0 = _mm256_cvtepu8_epi32(pairs);
+    *c1 = _mm256_cvtepu8_epi32(_mm_srli_si128(pairs, 8));
+  }
+};
+
+}  // namespace avx2
+}  // namespace kbit

@@ -1,0 +1,107 @@
+// simd_avx512.h — the vector operations the kernel templates (*-inl.h) use, for AVX-512 F/BW/VL.
+// Include only from kernels_avx512.cpp, the one unit built with AVX-512 flags.
+#pragma once
+
+#include <immintrin.h>
+
+#include "scalar_ops.h"
+
+namespace kbit {
+namespace avx512 {
+
+struct Ops {
+  static constexpr int N = 16;  // float32 lanes
+  using F = __m512;
+  using I = __m512i;
+  using M = __mmask16;
+
+  // ---- loads and stores (one rounding, Note [bf16 rounding]) ----
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static F load(const bf16_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static F load(const f16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static void store(bf16_t* p, F v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    r = _mm512_mask_mov_epi32(r, isnan(v), _mm512_set1_epi32(kBf16QuietNaN));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  }
+  static void store(f16_t* p, F v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+
+  // ---- arithmetic ----
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F zero() { return _mm512_setzero_ps(); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F abs(F a) { return _mm512_abs_ps(a); }
+  // max(a, b) with b's NaN passed through is irrelevant here: NaN is tracked by isnan().
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static M isnan(F a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
+  static M lt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static bool any(M m) { return m != 0; }
+  static M or_(M a, M b) { return M(a | b); }
+  static M none() { return 0; }
+  static float reduce_max(F a) { return _mm512_reduce_max_ps(a); }
+  // clamp(s, -1, 1) keeping NaN (MAXPS/MINPS return the second operand when one input is NaN).
+  static F clamp_unit(F s) { return _mm512_min_ps(_mm512_set1_ps(1.0f), _mm512_max_ps(_mm512_set1_ps(-1.0f), s)); }
+
+  // ---- integer lanes ----
+  static I zero_i() { return _mm512_setzero_si512(); }
+  static I set1_i(int v) { return _mm512_set1_epi32(v); }
+  static I add_i(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I or_i(I a, I b) { return _mm512_or_si512(a, b); }
+  static I add_where(I a, M m, int k) { return _mm512_mask_add_epi32(a, m, a, _mm512_set1_epi32(k)); }
+  static I zero_where(I a, M m) { return _mm512_mask_mov_epi32(a, m, _mm512_setzero_si512()); }
+  static I order_key16(F s) {
+    const __m512i u = _mm512_castps_si512(s);
+    const __mmask16 neg = _mm512_movepi32_mask(u);
+    const __m512i key = _mm512_mask_xor_epi32(_mm512_or_si512(u, _mm512_set1_epi32(int(0x80000000u))), neg, u,
+                                              _mm512_set1_epi32(-1));
+    return _mm512_srli_epi32(key, 16);
+  }
+  static I gather_u8(const uint8_t* table, I idx) {
+    return _mm512_and_si512(_mm512_i32gather_epi32(idx, table, 1), _mm512_set1_epi32(0xff));
+  }
+  static F gather(const float* table, I idx) { return _mm512_i32gather_ps(idx, table, 4); }
+
+  // 16-entry table held in a register: table16(t) then lookup16(table, idx) with idx in 0..15.
+  using T16 = __m512;
+  using T16i = __m512i;
+  static T16 table16(const float* t) { return _mm512_loadu_ps(t); }
+  static T16i table16_i(const int32_t* t) { return _mm512_loadu_si512(t); }
+  static F lookup16(T16 t, I idx) { return _mm512_permutexvar_ps(idx, t); }
+  static I lookup16_i(T16i t, I idx) { return _mm512_permutexvar_epi32(idx, t); }
+
+  // ---- bytes ----
+  static I load_u8(const uint8_t* p) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static void store_u8(uint8_t* p, I v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(v)); }
+
+  // Note [nibble order]: codes of elements 0..N-1 in c0 and N..2N-1 in c1 -> N packed bytes.
+  static void store_nibbles(uint8_t* p, I c0, I c1) {
+    const __m256i bytes = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(c0)),
+                                                  _mm512_cvtepi32_epi8(c1), 1);
+    // 16-bit lane j holds code(2j) in its low byte and code(2j+1) in its high byte.
+    const __m256i packed = _mm256_or_si256(_mm256_slli_epi16(bytes, 4), _mm256_srli_epi16(bytes, 8));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtepi16_epi8(packed));
+  }
+  // Inverse of store_nibbles: N packed bytes -> codes of elements 0..N-1 (c0) and N..2N-1 (c1).
+  static void load_nibbles(const uint8_t* p, I* c0, I* c1) {
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i pairs = _mm256_or_si256(_mm256_srli_epi16(b, 4),
+                                          _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x0f)), 8));
+    *c0 = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(pairs));
+    *c1 = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(pairs, 1));
+  }
+};
+
+}  // namespace avx512
+}  // namespace kbit
