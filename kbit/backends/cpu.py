@@ -1,0 +1,82 @@
+"""CPU kernels: thin calls into the native module (kbit._C), registered for the "cpu" device.
+
+Inputs are made contiguous here and outputs allocated here, so the native layer only ever sees
+contiguous arrays of the right dtype (it rejects anything else: Note [no silent copies] in
+csrc/bindings.cpp). Tensors are detached because DLPack refuses tensors that require grad.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ops
+from .._native import _C
+from .._ops import LIBRARY, num_blocks, packed_4bit_shape
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(-1)
+
+
+@_ops.implements("quantize_blockwise", "cpu")
+def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
+    _ops.check_quantize_blockwise(A, code, blocksize)
+    out = torch.empty(A.shape, dtype=torch.uint8)
+    absmax = torch.empty(num_blocks(A.numel(), blocksize), dtype=torch.float32)
+    _C.quantize_blockwise(_flat(A), _flat(code), absmax, out.view(-1), blocksize, torch.get_num_threads())
+    return out, absmax
+
+
+def _dequantize_blockwise_into(A, absmax, code, blocksize, out: torch.Tensor) -> None:
+    _C.dequantize_blockwise(_flat(A), _flat(absmax), _flat(code), out.view(-1), blocksize, torch.get_num_threads())
+
+
+@_ops.implements("dequantize_blockwise", "cpu")
+def dequantize_blockwise(A, absmax, code, blocksize, dtype):
+    _ops.check_dequantize_blockwise(A, absmax, code, blocksize, dtype)
+    out = torch.empty(A.shape, dtype=dtype)
+    _dequantize_blockwise_into(A, absmax, code, blocksize, out)
+    return out
+
+
+@_ops.implements("dequantize_blockwise.out", "cpu")
+def dequantize_blockwise_out(A, absmax, code, blocksize, dtype, *, out):
+    _ops.check_dequantize_blockwise(A, absmax, code, blocksize, dtype)
+    _ops.check_out(out, A.shape, dtype, A.device)
+    if out.is_contiguous():
+        _dequantize_blockwise_into(A, absmax, code, blocksize, out.detach())
+    else:
+        out.copy_(dequantize_blockwise(A, absmax, code, blocksize, dtype))
+
+
+@_ops.implements("quantize_4bit", "cpu")
+def quantize_4bit(A, blocksize, quant_type, quant_storage):
+    _ops.check_quantize_4bit(A, blocksize, quant_type, quant_storage)
+    n = A.numel()
+    packed = torch.zeros(packed_4bit_shape(n, quant_storage), dtype=quant_storage)
+    absmax = torch.empty(num_blocks(n, blocksize), dtype=torch.float32)
+    _C.quantize_4bit(_flat(A), absmax, packed.view(-1).view(torch.uint8), blocksize, quant_type, torch.get_num_threads())
+    return packed, absmax
+
+
+def _dequantize_4bit_into(A, absmax, blocksize, quant_type, out: torch.Tensor) -> None:
+    packed = _flat(A).view(torch.uint8)
+    _C.dequantize_4bit(packed, _flat(absmax), out.view(-1), blocksize, quant_type, torch.get_num_threads())
+
+
+@_ops.implements("dequantize_4bit", "cpu")
+def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
+    _ops.check_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype)
+    out = torch.empty(tuple(shape), dtype=dtype)
+    _dequantize_4bit_into(A, absmax, blocksize, quant_type, out)
+    return out
+
+
+@_ops.implements("dequantize_4bit.out", "cpu")
+def dequantize_4bit_out(A, absmax, blocksize, quant_type, shape, dtype, *, out):
+    _ops.check_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype)
+    _ops.check_out(out, shape, dtype, A.device)
+    if out.is_contiguous():
+        _dequantize_4bit_into(A, absmax, blocksize, quant_type, out.detach())
+    else:
+        out.copy_(dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype))
