@@ -4,32 +4,45 @@
 //
 // No include guard: each ISA unit includes it once, after defining its Ops.
 
-// max |x| over [x, x + len), Note [scaling rule].
+// max |x| over [x, x + len), Note [scaling rule]. The vector loop takes the integer max of |x|'s bit
+// patterns: for non-negative floats that order is the float order, and every NaN pattern is above
+// +inf, so a NaN anywhere wins and is then turned into the canonical NaN, as the scalar accumulator does.
 template <class T>
 inline float block_absmax(const T* x, int64_t len) {
   int64_t i = 0;
-  AbsmaxAccumulator acc;
+  uint32_t max_bits = 0;
   if (len >= Ops::N) {
-    typename Ops::F vmax = Ops::zero();
-    typename Ops::M nan = Ops::none();
-    for (; i + Ops::N <= len; i += Ops::N) {
-      const typename Ops::F a = Ops::abs(Ops::load(x + i));
-      nan = Ops::or_(nan, Ops::isnan(a));
-      vmax = Ops::max(vmax, a);
-    }
-    acc.nan = Ops::any(nan);
-    if (!acc.nan) acc.max = Ops::reduce_max(vmax);
+    typename Ops::I vmax = Ops::zero_i();
+    for (; i + Ops::N <= len; i += Ops::N) vmax = Ops::max_u32(vmax, Ops::abs_bits(Ops::load(x + i)));
+    max_bits = Ops::reduce_max_u32(vmax);
   }
+  AbsmaxAccumulator acc;
+  acc.nan = max_bits > 0x7f800000u;
+  acc.max = acc.nan ? 0.0f : f32_from_bits(max_bits);
   for (; i < len; ++i) acc.add(to_f32(x[i]));
   return acc.result();
 }
 
+// The CodeLut fields the search reads, copied into locals: the kernels store uint8 codes, which may alias
+// anything, so reading through the CodeLut pointer would reload every field after every store.
+struct LutView {
+  const uint8_t* bin_count;
+  const float* bin_mid;
+  const float* mids;
+  int max_in_bin;
+  explicit LutView(const CodeLut& l) : bin_count(l.bin_count), bin_mid(l.bin_mid), mids(l.mids), max_in_bin(l.max_in_bin) {}
+};
+
 // Exact nearest-code indices of Ops::N scaled values, Note [8-bit code search].
-inline typename Ops::I code_indices(typename Ops::F s, const CodeLut& lut) {
+inline typename Ops::I code_indices(typename Ops::F s, const LutView lut) {
   typename Ops::I idx;
   if (lut.max_in_bin <= kMaxLutSteps) {
-    idx = Ops::gather_u8(lut.bin_count, Ops::order_key16(s));
-    for (int k = 0; k < lut.max_in_bin; ++k) idx = Ops::add_where(idx, Ops::lt(Ops::gather(lut.mids, idx), s), 1);
+    const typename Ops::I bin = Ops::order_key16(s);
+    idx = Ops::gather_u8(lut.bin_count, bin);
+    if (lut.max_in_bin > 0) {
+      idx = Ops::add_where(idx, Ops::lt(Ops::gather(lut.bin_mid, bin), s), 1);
+      for (int k = 1; k < lut.max_in_bin; ++k) idx = Ops::add_where(idx, Ops::lt(Ops::gather(lut.mids, idx), s), 1);
+    }
   } else {
     idx = Ops::zero_i();
     for (int step = 128; step >= 1; step >>= 1) {
@@ -54,10 +67,11 @@ void quantize_blockwise(const T* x, int64_t n, int64_t blocksize, const CodeLut*
       absmax[b] = amax;
       const float inv = block_reciprocal(amax);
       const typename Ops::F vinv = Ops::set1(inv);
+      const LutView view(*lut);
       int64_t i = 0;
       for (; i + Ops::N <= len; i += Ops::N) {
         const typename Ops::F s = Ops::clamp_unit(Ops::mul(Ops::load(xb + i), vinv));
-        Ops::store_u8(qb + i, code_indices(s, *lut));
+        Ops::store_u8(qb + i, code_indices(s, view));
       }
       for (; i < len; ++i) qb[i] = nearest_code_index(scale_and_clamp(to_f32(xb[i]), inv), lut->mids);
     }

@@ -27,6 +27,7 @@ std::shared_ptr<CodeLut> build(const float* code) {
   for (uint32_t bin = 0; bin < uint32_t(kLutBins); ++bin) {
     const float low = bin_low(bin);
     lut->bin_count[bin] = low == low ? nearest_code_index(low, lut->mids) : 0;
+    lut->bin_mid[bin] = lut->mids[lut->bin_count[bin]];
   }
   // Only bins holding values of [-1, 1] are ever searched (values are clamped first).
   lut->max_in_bin = 0;

@@ -5,38 +5,72 @@
 // Blocks are whole multiples of 2 * Ops::N elements (4-bit block sizes are multiples of 32), so a
 // vector step never straddles a block; only the final partial block has a scalar tail.
 
+// Note [4-bit code search]
+// The code is the count of sorted thresholds strictly below a value v (NF4: the 15 midpoints, v = s;
+// FP4: the 7 magnitude thresholds, v = |s|). Instead of a 4-step dependent binary search, v's cell on a
+// uniform grid of Ops::kGridCells cells over [lo, hi] picks `below[cell]`, the count of thresholds below
+// the cell (less a margin covering the rounding of the cell computation), and `steps` compare-and-step
+// rounds add the few thresholds inside the cell. The thresholds are far enough apart (>= 0.083) that
+// this is 1 step with 32 cells and 2 with 16; make_search() computes it, so the result is exact by
+// construction and equals the reference count (scalar_ops.h nf4_code / fp4_code).
+struct ThresholdSearch {
+  typename Ops::T16 thresholds;  // sorted, padded with +inf to 16
+  typename Ops::TGrid below;      // per grid cell
+  float lo, cells_per_unit;
+  int steps;
+};
+
+inline ThresholdSearch make_search(const float* thresholds, int count, float lo, float hi) {
+  constexpr float kMargin = 1e-5f;  // >> rounding error of (v - lo) * cells_per_unit for |v| <= 1
+  alignas(64) float padded[16];
+  alignas(64) int32_t below[Ops::kGridCells];
+  for (int i = 0; i < 16; ++i) padded[i] = i < count ? thresholds[i] : std::numeric_limits<float>::infinity();
+  const float width = (hi - lo) / Ops::kGridCells;
+  int steps = 0;
+  for (int c = 0; c < Ops::kGridCells; ++c) {
+    const float cell_lo = lo + c * width - kMargin, cell_hi = lo + (c + 1) * width + kMargin;
+    int n_below = 0, n_inside = 0;
+    for (int i = 0; i < count; ++i) {
+      n_below += thresholds[i] < cell_lo;
+      n_inside += thresholds[i] >= cell_lo && thresholds[i] <= cell_hi;
+    }
+    below[c] = n_below;
+    if (n_inside > steps) steps = n_inside;
+  }
+  return {Ops::table16(padded), Ops::table_grid(below), lo, Ops::kGridCells / (hi - lo), steps};
+}
+
+inline typename Ops::I count_below(const ThresholdSearch& t, typename Ops::F v) {
+  const typename Ops::I cell = Ops::grid_cell(Ops::mul(Ops::sub(v, Ops::set1(t.lo)), Ops::set1(t.cells_per_unit)));
+  typename Ops::I c = Ops::lookup_grid(t.below, cell);
+  for (int k = 0; k < t.steps; ++k) c = Ops::add_where(c, Ops::lt(Ops::lookup16(t.thresholds, c), v), 1);
+  return Ops::zero_where(c, Ops::isnan(v));
+}
+
 struct Codes4bitTables {
-  typename Ops::T16 nf4_mids;       // 15 NF4 midpoints + inf (Note [NF4 decision rule])
-  typename Ops::T16 fp4_thresholds;  // 7 thresholds, then +inf (Note [FP4 decision rule])
+  ThresholdSearch search;            // NF4 midpoints over [-1, 1], or FP4 thresholds over [0, 1]
   typename Ops::T16i fp4_magnitude;  // magnitude rank -> code
   typename Ops::T16 values;          // code -> value, for dequantization
 };
 
 inline Codes4bitTables make_tables(formats::QuantType4bit qt) {
-  alignas(64) float mids[16], thr[16], values[16];
+  alignas(64) float mids[15], values[16];
   alignas(64) int32_t mag[16];
   for (int i = 0; i < 16; ++i) {
-    mids[i] = i < 15 ? formats::nf4_midpoint(i) : std::numeric_limits<float>::infinity();
-    thr[i] = i < 7 ? formats::kFP4Thresholds[i] : std::numeric_limits<float>::infinity();
+    if (i < 15) mids[i] = formats::nf4_midpoint(i);
     mag[i] = i < 8 ? formats::kFP4MagnitudeCode[i] : 0;
     values[i] = table_4bit(qt)[i];
   }
-  return {Ops::table16(mids), Ops::table16(thr), Ops::table16_i(mag), Ops::table16(values)};
-}
-
-// Branchless count of table entries strictly below s, over the first `2 * top` entries.
-inline typename Ops::I count_below(typename Ops::T16 table, typename Ops::F s, int top) {
-  typename Ops::I c = Ops::zero_i();
-  for (int step = top; step >= 1; step >>= 1) {
-    c = Ops::add_where(c, Ops::lt(Ops::lookup16(table, Ops::add_i(c, Ops::set1_i(step - 1))), s), step);
-  }
-  return c;
+  const ThresholdSearch search = qt == formats::QuantType4bit::kNF4
+                                     ? make_search(mids, 15, -1.0f, 1.0f)
+                                     : make_search(formats::kFP4Thresholds, 7, 0.0f, 1.0f);
+  return {search, Ops::table16_i(mag), Ops::table16(values)};
 }
 
 inline typename Ops::I codes_4bit(typename Ops::F s, formats::QuantType4bit qt, const Codes4bitTables& t) {
-  if (qt == formats::QuantType4bit::kNF4) return count_below(t.nf4_mids, s, 8);
+  if (qt == formats::QuantType4bit::kNF4) return count_below(t.search, s);
   // FP4: thresholds t_i < |s| counted (strict '>'), sign from s < 0 (NaN: neither).
-  const typename Ops::I rank = count_below(t.fp4_thresholds, Ops::abs(s), 4);
+  const typename Ops::I rank = count_below(t.search, Ops::abs(s));
   return Ops::add_where(Ops::lookup16_i(t.fp4_magnitude, rank), Ops::lt(s, Ops::zero()), formats::kFP4SignBit);
 }
 

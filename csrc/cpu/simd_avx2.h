@@ -40,23 +40,22 @@ struct Ops {
   static F set1(float v) { return _mm256_set1_ps(v); }
   static F zero() { return _mm256_setzero_ps(); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
   static F abs(F a) { return _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
-  static F max(F a, F b) { return _mm256_max_ps(a, b); }
   static M isnan(F a) { return _mm256_castps_si256(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)); }
   static M lt(F a, F b) { return _mm256_castps_si256(_mm256_cmp_ps(a, b, _CMP_LT_OQ)); }
-  static bool any(M m) { return !_mm256_testz_si256(m, m); }
-  static M or_(M a, M b) { return _mm256_or_si256(a, b); }
-  static M none() { return _mm256_setzero_si256(); }
-  static float reduce_max(F a) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-    return _mm_cvtss_f32(m);
-  }
   static F clamp_unit(F s) { return _mm256_min_ps(_mm256_set1_ps(1.0f), _mm256_max_ps(_mm256_set1_ps(-1.0f), s)); }
 
   // ---- integer lanes ----
   static I zero_i() { return _mm256_setzero_si256(); }
+  static I abs_bits(F a) { return _mm256_and_si256(_mm256_castps_si256(a), _mm256_set1_epi32(0x7fffffff)); }
+  static I max_u32(I a, I b) { return _mm256_max_epu32(a, b); }
+  static uint32_t reduce_max_u32(I a) {
+    __m128i m = _mm_max_epu32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4e));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xb1));
+    return uint32_t(_mm_cvtsi128_si32(m));
+  }
   static I set1_i(int v) { return _mm256_set1_epi32(v); }
   static I add_i(I a, I b) { return _mm256_add_epi32(a, b); }
   static I or_i(I a, I b) { return _mm256_or_si256(a, b); }
@@ -97,6 +96,16 @@ struct Ops {
   static I lookup16_i(T16i t, I idx) {
     return _mm256_castps_si256(lookup16({_mm256_castsi256_ps(t.lo), _mm256_castsi256_ps(t.hi)}, idx));
   }
+
+  // Uniform grid of 16 cells (Note [4-bit code search]); NaN lands in some valid cell and is masked.
+  static constexpr int kGridCells = 16;
+  using TGrid = T16i;
+  static TGrid table_grid(const int32_t* t) { return table16_i(t); }
+  static I grid_cell(F x) {
+    const __m256i c = _mm256_cvttps_epi32(x);  // NaN / out of range -> INT_MIN
+    return _mm256_min_epi32(_mm256_max_epi32(c, _mm256_setzero_si256()), _mm256_set1_epi32(kGridCells - 1));
+  }
+  static I lookup_grid(const TGrid& t, I idx) { return lookup16_i(t, idx); }
 
   // ---- bytes ----
   static I load_u8(const uint8_t* p) {

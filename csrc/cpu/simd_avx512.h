@@ -40,20 +40,18 @@ struct Ops {
   static F set1(float v) { return _mm512_set1_ps(v); }
   static F zero() { return _mm512_setzero_ps(); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   static F abs(F a) { return _mm512_abs_ps(a); }
-  // max(a, b) with b's NaN passed through is irrelevant here: NaN is tracked by isnan().
-  static F max(F a, F b) { return _mm512_max_ps(a, b); }
   static M isnan(F a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
   static M lt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
-  static bool any(M m) { return m != 0; }
-  static M or_(M a, M b) { return M(a | b); }
-  static M none() { return 0; }
-  static float reduce_max(F a) { return _mm512_reduce_max_ps(a); }
   // clamp(s, -1, 1) keeping NaN (MAXPS/MINPS return the second operand when one input is NaN).
   static F clamp_unit(F s) { return _mm512_min_ps(_mm512_set1_ps(1.0f), _mm512_max_ps(_mm512_set1_ps(-1.0f), s)); }
 
   // ---- integer lanes ----
   static I zero_i() { return _mm512_setzero_si512(); }
+  static I abs_bits(F a) { return _mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(0x7fffffff)); }
+  static I max_u32(I a, I b) { return _mm512_max_epu32(a, b); }
+  static uint32_t reduce_max_u32(I a) { return _mm512_reduce_max_epu32(a); }
   static I set1_i(int v) { return _mm512_set1_epi32(v); }
   static I add_i(I a, I b) { return _mm512_add_epi32(a, b); }
   static I or_i(I a, I b) { return _mm512_or_si512(a, b); }
@@ -78,6 +76,19 @@ struct Ops {
   static T16i table16_i(const int32_t* t) { return _mm512_loadu_si512(t); }
   static F lookup16(T16 t, I idx) { return _mm512_permutexvar_ps(idx, t); }
   static I lookup16_i(T16i t, I idx) { return _mm512_permutexvar_epi32(idx, t); }
+
+  // Uniform grid of 32 cells (Note [4-bit code search]): cell index of x = (v - lo) * cells_per_unit,
+  // truncated and clamped to [0, 31]; NaN lands in some valid cell and is masked by the caller.
+  static constexpr int kGridCells = 32;
+  struct TGrid {
+    __m512i lo, hi;
+  };
+  static TGrid table_grid(const int32_t* t) { return {_mm512_loadu_si512(t), _mm512_loadu_si512(t + 16)}; }
+  static I grid_cell(F x) {
+    const __m512i c = _mm512_cvttps_epi32(x);  // NaN / out of range -> INT_MIN
+    return _mm512_min_epi32(_mm512_max_epi32(c, _mm512_setzero_si512()), _mm512_set1_epi32(kGridCells - 1));
+  }
+  static I lookup_grid(const TGrid& t, I idx) { return _mm512_permutex2var_epi32(t.lo, idx, t.hi); }
 
   // ---- bytes ----
   static I load_u8(const uint8_t* p) {

@@ -53,9 +53,13 @@ def dequantize_blockwise_out(A, absmax, code, blocksize, dtype, *, out):
 def quantize_4bit(A, blocksize, quant_type, quant_storage):
     _ops.check_quantize_4bit(A, blocksize, quant_type, quant_storage)
     n = A.numel()
-    packed = torch.zeros(packed_4bit_shape(n, quant_storage), dtype=quant_storage)
+    # empty, not zeros: the kernel writes every byte of the (n + 1) // 2, and first touch by the kernel's
+    # own threads is cheaper than a separate zeroing pass. Only storage padding beyond them is zeroed.
+    packed = torch.empty(packed_4bit_shape(n, quant_storage), dtype=quant_storage)
+    raw = packed.view(-1).view(torch.uint8)
+    raw[(n + 1) // 2 :].zero_()
     absmax = torch.empty(num_blocks(n, blocksize), dtype=torch.float32)
-    _C.quantize_4bit(_flat(A), absmax, packed.view(-1).view(torch.uint8), blocksize, quant_type, torch.get_num_threads())
+    _C.quantize_4bit(_flat(A), absmax, raw, blocksize, quant_type, torch.get_num_threads())
     return packed, absmax
 
 
