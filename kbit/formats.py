@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from functools import lru_cache
 
 import torch
 
@@ -192,17 +191,13 @@ def create_linear_map(signed: bool = True, total_bits: int = 8, add_zero: bool =
     return torch.tensor(values[:half].tolist() + [0] * gap + values[half:].tolist(), dtype=torch.float32)
 
 
-@lru_cache(maxsize=None)
-def _table_4bit(typename: str) -> tuple[float, ...]:
-    if typename == "nf4":
-        return NF4_VALUES
-    if typename == "fp4":
-        return FP4_VALUES
-    if typename == "int4":
-        # Symmetric integers -7..7 (bitsandbytes' list, which it cannot build itself: it divides an int tensor).
-        raw = [7, 6, 5, 4, 3, 2, 1, 0, -0.0, -1, -2, -3, -4, -5, -6, -7]
-        return tuple(v / 7.0 for v in raw)
-    raise ValueError(f"unknown 4-bit type {typename!r}: choose one of 'nf4', 'fp4', 'int4'")
+# The 16 values of each 4-bit type, by code. "int4" is bitsandbytes' symmetric -7..7 list, which its own
+# get_4bit_type cannot build (it divides an int64 tensor in place).
+_TABLES_4BIT = {
+    "nf4": NF4_VALUES,
+    "fp4": FP4_VALUES,
+    "int4": tuple(v / 7.0 for v in (7, 6, 5, 4, 3, 2, 1, 0, -0.0, -1, -2, -3, -4, -5, -6, -7)),
+}
 
 
 def get_4bit_type(typename: str, device=None, blocksize: int = 64) -> torch.Tensor:
@@ -211,4 +206,6 @@ def get_4bit_type(typename: str, device=None, blocksize: int = 64) -> torch.Tens
     for signature compatibility and does not change the table."""
     if not isinstance(typename, str):
         raise TypeError(f"typename must be a string such as 'nf4', got {type(typename).__name__}")
-    return torch.tensor(_table_4bit(typename), dtype=torch.float32, device=device)
+    if typename not in _TABLES_4BIT:
+        raise ValueError(f"unknown 4-bit type {typename!r}: choose one of {', '.join(map(repr, _TABLES_4BIT))}")
+    return torch.tensor(_TABLES_4BIT[typename], dtype=torch.float32, device=device)

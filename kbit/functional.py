@@ -54,13 +54,12 @@ __all__ = [
 DEFAULT_BLOCKSIZE_4BIT = 64
 DEFAULT_BLOCKSIZE_8BIT = 4096
 
-#: Cached code maps by name ("dynamic": the signed dynamic map), per device on first use.
-name2qmap: dict[str, torch.Tensor] = {}
+#: Code maps by name ("dynamic": the signed dynamic map, the default of the 8-bit functions). Built at
+#: import (about a millisecond) rather than lazily, so torch.compile never traces the map's construction.
+name2qmap: dict[str, torch.Tensor] = {"dynamic": create_dynamic_map()}
 
 
 def _dynamic_map(device: torch.device) -> torch.Tensor:
-    if "dynamic" not in name2qmap:
-        name2qmap["dynamic"] = create_dynamic_map()
     code = name2qmap["dynamic"]
     return code if code.device == device else code.to(device)
 
