@@ -202,6 +202,9 @@ nb::dict format_tables() {
 }
 
 }  // namespace
+
+void register_optim_bindings(nb::module_& m);  // optim_bindings.cpp
+
 }  // namespace kbit
 
 NB_MODULE(_C, m) {
@@ -219,4 +222,5 @@ NB_MODULE(_C, m) {
   m.def("supported_capabilities", &supported_capabilities, "Levels this CPU and OS can run, lowest first.");
   m.def("set_capability", &set_capability, "name"_a, "Use a (lower) kernel level; ValueError if unsupported.");
   m.def("format_tables", &format_tables, "The code tables and layout constants of csrc/formats.h.");
+  register_optim_bindings(m);
 }

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "optim_call.h"
 #include "scalar_ops.h"
 
 namespace kbit {
@@ -47,6 +48,14 @@ struct KernelTable {
                                const float* absmax, bf16_t* out, int threads);
   void (*dequantize_4bit_f16)(const uint8_t* packed, int64_t n, int64_t blocksize, formats::QuantType4bit qt,
                               const float* absmax, f16_t* out, int threads);
+
+  // Fused optimizer steps, one per rule family (optim_rules.h, optim_call.h).
+  void (*optim_adam)(const OptimCall<AdamRule>& call, int threads);
+  void (*optim_ademamix)(const OptimCall<AdEMAMixRule>& call, int threads);
+  void (*optim_lion)(const OptimCall<LionRule>& call, int threads);
+  void (*optim_momentum)(const OptimCall<MomentumRule>& call, int threads);
+  void (*optim_rmsprop)(const OptimCall<RMSpropRule>& call, int threads);
+  void (*optim_adagrad)(const OptimCall<AdagradRule>& call, int threads);
 };
 
 // One table per ISA level; each is defined in its own translation unit, compiled with only that
@@ -62,6 +71,8 @@ extern const KernelTable kAvx512Kernels;
         NS::dequantize_blockwise<float>, NS::dequantize_blockwise<bf16_t>, NS::dequantize_blockwise<f16_t>, \
         NS::quantize_4bit<float>, NS::quantize_4bit<bf16_t>, NS::quantize_4bit<f16_t>,                       \
         NS::dequantize_4bit<float>, NS::dequantize_4bit<bf16_t>, NS::dequantize_4bit<f16_t>,                 \
+        NS::optim_entry<AdamRule>, NS::optim_entry<AdEMAMixRule>, NS::optim_entry<LionRule>,                 \
+        NS::optim_entry<MomentumRule>, NS::optim_entry<RMSpropRule>, NS::optim_entry<AdagradRule>,           \
   }
 
 }  // namespace kbit

@@ -4,6 +4,7 @@
 
 #include "code_lut.h"
 #include "kernels.h"
+#include "optim_driver.h"
 #include "parallel.h"
 #include "simd_avx2.h"
 
@@ -11,6 +12,17 @@ namespace kbit {
 namespace avx2 {
 #include "blockwise-inl.h"
 #include "fourbit-inl.h"
+#include "optim-inl.h"
+
+// One fused optimizer call at this level, for the call's parameter dtype.
+template <class Rule>
+void optim_entry(const OptimCall<Rule>& call, int threads) {
+  switch (call.dtype) {
+    case ParamDtype::kF32: run_optim_call<OptimBlocks, Rule, float>(call, threads); break;
+    case ParamDtype::kBF16: run_optim_call<OptimBlocks, Rule, bf16_t>(call, threads); break;
+    case ParamDtype::kF16: run_optim_call<OptimBlocks, Rule, f16_t>(call, threads); break;
+  }
+}
 }  // namespace avx2
 
 const KernelTable kAvx2Kernels = KBIT_KERNEL_TABLE(avx2, "avx2");

@@ -3,7 +3,10 @@
 // turn equal kbit/backends/reference.py.
 #include "code_lut.h"
 #include "kernels.h"
+#include "optim_driver.h"
 #include "parallel.h"
+
+#include <vector>
 
 namespace kbit {
 namespace scalar {
@@ -72,6 +75,108 @@ void dequantize_4bit(const uint8_t* packed, int64_t n, int64_t blocksize, format
       from_f32(values[c] * absmax[k / blocksize], out + k);
     }
   });
+}
+
+
+// ---- fused optimizer steps: the reference twins of optim-inl.h ----------------------------------------
+struct OptimBlocks {
+  template <class Rule, class T>
+  static void update32(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t begin, int64_t end) {
+    T* p = static_cast<T*>(t.p);
+    const T* g = static_cast<const T*>(t.g);
+    for (int64_t i = begin; i < end; ++i) {
+      float pf = to_f32(p[i]);
+      float s[3];
+      for (int k = 0; k < Rule::kStates; ++k) s[k] = t.state32[k][i];
+      step_element(r, t.sc, c.skip_zeros, pf, to_f32(g[i]), s);
+      from_f32(pf, p + i);
+      for (int k = 0; k < Rule::kStates; ++k) t.state32[k][i] = s[k];
+    }
+  }
+
+  // Dequantize, update and requantize elements [begin, end) whose absmax is old_am / new_am, through `buf`.
+  template <class Rule, class T>
+  static void update8_range(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t begin, int64_t end,
+                            const float* old_am, float* new_am, bool compute_new_am) {
+    T* p = static_cast<T*>(t.p);
+    const T* g = static_cast<const T*>(t.g);
+    std::vector<float> buf[3];
+    uint32_t max_bits[3] = {0, 0, 0};
+    for (int k = 0; k < Rule::kStates; ++k) buf[k].resize(size_t(end - begin));
+    for (int64_t i = begin; i < end; ++i) {
+      float pf = to_f32(p[i]);
+      float s[3];
+      for (int k = 0; k < Rule::kStates; ++k) s[k] = c.luts[k]->code[t.codes[k][i]] * old_am[k];
+      step_element(r, t.sc, c.skip_zeros, pf, to_f32(g[i]), s);
+      from_f32(pf, p + i);
+      for (int k = 0; k < Rule::kStates; ++k) {
+        buf[k][size_t(i - begin)] = s[k];
+        if (abs_bits(s[k]) > max_bits[k]) max_bits[k] = abs_bits(s[k]);
+      }
+    }
+    for (int k = 0; k < Rule::kStates; ++k) {
+      if (compute_new_am) new_am[k] = absmax_from_bits(max_bits[k]);
+      const float inv = block_reciprocal(new_am[k]);
+      for (int64_t i = begin; i < end; ++i)
+        t.codes[k][i] = nearest_code_index(scale_and_clamp(buf[k][size_t(i - begin)], inv), c.luts[k]->mids);
+    }
+  }
+
+  template <class Rule, class T>
+  static void update8_blocks(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * c.blocksize, end = start + c.blocksize <= t.n ? start + c.blocksize : t.n;
+      float old_am[3], new_am[3];
+      for (int k = 0; k < Rule::kStates; ++k) old_am[k] = t.absmax[k][b];
+      update8_range<Rule, T>(c, t, r, start, end, old_am, new_am, true);
+      for (int k = 0; k < Rule::kStates; ++k) t.absmax[k][b] = new_am[k];
+    }
+  }
+
+  template <class Rule, class T>
+  static void update8_fixed(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t begin, int64_t end,
+                            const float* old_am, const float* new_am) {
+    float am[3] = {new_am[0], new_am[1], new_am[2]};
+    update8_range<Rule, T>(c, t, r, begin, end, old_am, am, false);
+  }
+
+  template <class Rule, class T>
+  static void prepass(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t begin, int64_t end,
+                      int64_t unit, PrepassOut* out) {
+    const T* p = static_cast<const T*>(t.p);
+    const T* g = static_cast<const T*>(t.g);
+    for (int64_t start = begin; start < end; start += unit) {
+      const int64_t len = start + unit <= end ? unit : end - start;
+      Lanes16 lanes_u, lanes_p;
+      for (int64_t i = 0; i < len; ++i) {
+        float pf = to_f32(p[start + i]);
+        float s[3];
+        for (int k = 0; k < Rule::kStates; ++k) {
+          if (c.eight_bit) {
+            const float am = c.blocksize > 0 ? t.absmax[k][(start + i) / c.blocksize] : t.absmax[k][0];
+            s[k] = c.luts[k]->code[t.codes[k][start + i]] * am;
+          } else {
+            s[k] = t.state32[k][start + i];
+          }
+        }
+        lanes_p.add_sq(i, pf);
+        lanes_u.add_sq(i, step_element(r, t.sc, c.skip_zeros, pf, to_f32(g[start + i]), s));
+        for (int k = 0; k < Rule::kStates; ++k)
+          if (abs_bits(s[k]) > out->max_bits[k]) out->max_bits[k] = abs_bits(s[k]);
+      }
+      out->sum_u2 += lanes_u.total();
+      out->sum_p2 += lanes_p.total();
+    }
+  }
+};
+
+template <class Rule>
+void optim_entry(const OptimCall<Rule>& call, int threads) {
+  switch (call.dtype) {
+    case ParamDtype::kF32: run_optim_call<OptimBlocks, Rule, float>(call, threads); break;
+    case ParamDtype::kBF16: run_optim_call<OptimBlocks, Rule, bf16_t>(call, threads); break;
+    case ParamDtype::kF16: run_optim_call<OptimBlocks, Rule, f16_t>(call, threads); break;
+  }
 }
 
 }  // namespace

@@ -41,6 +41,33 @@ struct Ops {
   static F zero() { return _mm256_setzero_ps(); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static F sqrt(F a) { return _mm256_sqrt_ps(a); }
+  // sign(0) = 0 and sign(NaN) = NaN, as ScalarMath::sign.
+  static F sign(F a) {
+    F r = _mm256_blendv_ps(a, _mm256_set1_ps(1.0f), _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_GT_OQ));
+    return _mm256_blendv_ps(r, _mm256_set1_ps(-1.0f), _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_LT_OQ));
+  }
+  static M is_zero(F a) { return _mm256_castps_si256(_mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_EQ_OQ)); }
+  static F select(M m, F if_true, F if_false) { return _mm256_blendv_ps(if_false, if_true, _mm256_castsi256_ps(m)); }
+
+  // 16 float64 lanes of sums of squares (Note [trust ratio]): a vector at block offset 8j fills lanes
+  // 0..7 when j is even and 8..15 when j is odd, so element i always lands in lane i % 16.
+  struct Acc16 {
+    __m256d a[4];
+  };
+  static Acc16 acc16_zero() { return {{_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()}}; }
+  static void acc16_add_sq(Acc16& acc, F x, int64_t offset) {
+    const int h = (offset & 8) ? 2 : 0;
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
+    const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+    acc.a[h] = _mm256_add_pd(acc.a[h], _mm256_mul_pd(lo, lo));
+    acc.a[h + 1] = _mm256_add_pd(acc.a[h + 1], _mm256_mul_pd(hi, hi));
+  }
+  static void acc16_store(const Acc16& acc, double* lanes) {
+    for (int j = 0; j < 4; ++j) _mm256_storeu_pd(lanes + 4 * j, acc.a[j]);
+  }
   static F abs(F a) { return _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
   static M isnan(F a) { return _mm256_castps_si256(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)); }
   static M lt(F a, F b) { return _mm256_castps_si256(_mm256_cmp_ps(a, b, _CMP_LT_OQ)); }

@@ -41,6 +41,33 @@ struct Ops {
   static F zero() { return _mm512_setzero_ps(); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static F sqrt(F a) { return _mm512_sqrt_ps(a); }
+  // sign(0) = 0 and sign(NaN) = NaN, as ScalarMath::sign.
+  static F sign(F a) {
+    F r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ), a, _mm512_set1_ps(1.0f));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_LT_OQ), r, _mm512_set1_ps(-1.0f));
+  }
+  static M is_zero(F a) { return _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_EQ_OQ); }
+  static F select(M m, F if_true, F if_false) { return _mm512_mask_blend_ps(m, if_false, if_true); }
+
+  // 16 float64 lanes of sums of squares (Note [trust ratio]); `offset` (from the block start) is a
+  // multiple of 16, so element offset + j lands in lane j.
+  struct Acc16 {
+    __m512d lo, hi;
+  };
+  static Acc16 acc16_zero() { return {_mm512_setzero_pd(), _mm512_setzero_pd()}; }
+  static void acc16_add_sq(Acc16& acc, F x, int64_t /*offset*/) {
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+    acc.lo = _mm512_add_pd(acc.lo, _mm512_mul_pd(lo, lo));
+    acc.hi = _mm512_add_pd(acc.hi, _mm512_mul_pd(hi, hi));
+  }
+  static void acc16_store(const Acc16& acc, double* lanes) {
+    _mm512_storeu_pd(lanes, acc.lo);
+    _mm512_storeu_pd(lanes + 8, acc.hi);
+  }
   static F abs(F a) { return _mm512_abs_ps(a); }
   static M isnan(F a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
   static M lt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }

@@ -1,0 +1,200 @@
+// optim-inl.h — fused optimizer block kernels, written once against an `Ops` vector interface and
+// included by each ISA unit inside its namespace (after blockwise-inl.h: block quantization helpers).
+// One pass over memory per block: load parameter, gradient and state codes, dequantize in registers,
+// apply the rule (optim_rules.h), write the parameter, find the block's new absmax, requantize, store.
+// Tails end in step_element(), the per-element function the reference twin uses.
+
+struct OptimBlocks {
+  using F = typename Ops::F;
+
+  // Vector form of step_element(): gnorm scaling, the rule, p -= k u, skip_zeros. Returns u (0 where skipped).
+  template <class Rule>
+  static F step_vector(const Rule& r, const StepScalars& sc, bool skip_zeros, F& p, F g, F* s) {
+    g = Ops::mul(g, Ops::set1(sc.gnorm_scale));
+    const F p_old = p;
+    F s_old[3];
+    for (int k = 0; k < Rule::kStates; ++k) s_old[k] = s[k];
+    F u;
+    update<Ops>(r, p, g, s, &u);
+    p = Ops::sub(p, Ops::mul(Ops::set1(sc.k), u));
+    if (skip_zeros) {
+      const typename Ops::M zero = Ops::is_zero(g);
+      p = Ops::select(zero, p_old, p);
+      for (int k = 0; k < Rule::kStates; ++k) s[k] = Ops::select(zero, s_old[k], s[k]);
+      u = Ops::select(zero, Ops::zero(), u);
+    }
+    return u;
+  }
+
+  template <class Rule, class T>
+  static void update32(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t begin, int64_t end) {
+    T* p = static_cast<T*>(t.p);
+    const T* g = static_cast<const T*>(t.g);
+    int64_t i = begin;
+    for (; i + Ops::N <= end; i += Ops::N) {
+      F pv = Ops::load(p + i);
+      F s[3];
+      for (int k = 0; k < Rule::kStates; ++k) s[k] = Ops::load(t.state32[k] + i);
+      step_vector(r, t.sc, c.skip_zeros, pv, Ops::load(g + i), s);
+      Ops::store(p + i, pv);
+      for (int k = 0; k < Rule::kStates; ++k) Ops::store(t.state32[k] + i, s[k]);
+    }
+    for (; i < end; ++i) {
+      float pf = to_f32(p[i]);
+      float s[3];
+      for (int k = 0; k < Rule::kStates; ++k) s[k] = t.state32[k][i];
+      step_element(r, t.sc, c.skip_zeros, pf, to_f32(g[i]), s);
+      from_f32(pf, p + i);
+      for (int k = 0; k < Rule::kStates; ++k) t.state32[k][i] = s[k];
+    }
+  }
+
+  // Blocks [b0, b1) of an 8-bit blockwise state, Note [optimizer step].
+  template <class Rule, class T>
+  static void update8_blocks(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t b0, int64_t b1) {
+    T* p = static_cast<T*>(t.p);
+    const T* g = static_cast<const T*>(t.g);
+    alignas(64) float buf[3][kMaxFusedBlock];
+    const float* qmap[3];
+    for (int k = 0; k < Rule::kStates; ++k) qmap[k] = c.luts[k]->code;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * c.blocksize;
+      const int64_t len = start + c.blocksize <= t.n ? c.blocksize : t.n - start;
+      float am[3];
+      for (int k = 0; k < Rule::kStates; ++k) am[k] = t.absmax[k][b];
+      typename Ops::I vmax[3];
+      for (int k = 0; k < Rule::kStates; ++k) vmax[k] = Ops::zero_i();
+      int64_t i = 0;
+      for (; i + Ops::N <= len; i += Ops::N) {
+        F pv = Ops::load(p + start + i);
+        F s[3];
+        for (int k = 0; k < Rule::kStates; ++k)
+          s[k] = Ops::mul(Ops::gather(qmap[k], Ops::load_u8(t.codes[k] + start + i)), Ops::set1(am[k]));
+        step_vector(r, t.sc, c.skip_zeros, pv, Ops::load(g + start + i), s);
+        Ops::store(p + start + i, pv);
+        for (int k = 0; k < Rule::kStates; ++k) {
+          Ops::store(buf[k] + i, s[k]);
+          vmax[k] = Ops::max_u32(vmax[k], Ops::abs_bits(s[k]));
+        }
+      }
+      uint32_t max_bits[3];
+      for (int k = 0; k < Rule::kStates; ++k) max_bits[k] = Ops::reduce_max_u32(vmax[k]);
+      for (; i < len; ++i) {
+        float pf = to_f32(p[start + i]);
+        float s[3];
+        for (int k = 0; k < Rule::kStates; ++k) s[k] = qmap[k][t.codes[k][start + i]] * am[k];
+        step_element(r, t.sc, c.skip_zeros, pf, to_f32(g[start + i]), s);
+        from_f32(pf, p + start + i);
+        for (int k = 0; k < Rule::kStates; ++k) {
+          buf[k][i] = s[k];
+          if (abs_bits(s[k]) > max_bits[k]) max_bits[k] = abs_bits(s[k]);
+        }
+      }
+      for (int k = 0; k < Rule::kStates; ++k) {
+        const float amax = absmax_from_bits(max_bits[k]);
+        t.absmax[k][b] = amax;
+        quantize_values(buf[k], len, block_reciprocal(amax), LutView(*c.luts[k]), t.codes[k] + start);
+      }
+    }
+  }
+
+  // Elements [begin, end) of a tensor-wise 8-bit state: old and new absmax are known up front.
+  template <class Rule, class T>
+  static void update8_fixed(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t begin, int64_t end,
+                            const float* old_am, const float* new_am) {
+    T* p = static_cast<T*>(t.p);
+    const T* g = static_cast<const T*>(t.g);
+    const float* qmap[3];
+    float inv[3];
+    for (int k = 0; k < Rule::kStates; ++k) {
+      qmap[k] = c.luts[k]->code;
+      inv[k] = block_reciprocal(new_am[k]);
+    }
+    for (int64_t i = begin; i < end; i += kChunk) {
+      const int64_t len = i + kChunk <= end ? kChunk : end - i;
+      alignas(64) float buf[3][kChunk];
+      int64_t j = 0;
+      for (; j + Ops::N <= len; j += Ops::N) {
+        F pv = Ops::load(p + i + j);
+        F s[3];
+        for (int k = 0; k < Rule::kStates; ++k)
+          s[k] = Ops::mul(Ops::gather(qmap[k], Ops::load_u8(t.codes[k] + i + j)), Ops::set1(old_am[k]));
+        step_vector(r, t.sc, c.skip_zeros, pv, Ops::load(g + i + j), s);
+        Ops::store(p + i + j, pv);
+        for (int k = 0; k < Rule::kStates; ++k) Ops::store(buf[k] + j, s[k]);
+      }
+      for (; j < len; ++j) {
+        float pf = to_f32(p[i + j]);
+        float s[3];
+        for (int k = 0; k < Rule::kStates; ++k) s[k] = qmap[k][t.codes[k][i + j]] * old_am[k];
+        step_element(r, t.sc, c.skip_zeros, pf, to_f32(g[i + j]), s);
+        from_f32(pf, p + i + j);
+        for (int k = 0; k < Rule::kStates; ++k) buf[k][j] = s[k];
+      }
+      for (int k = 0; k < Rule::kStates; ++k) quantize_values(buf[k], len, inv[k], LutView(*c.luts[k]), t.codes[k] + i);
+    }
+  }
+
+  // Codes of `len` values scaled by `inv` (Note [scaling rule]), exact nearest.
+  static void quantize_values(const float* v, int64_t len, float inv, const LutView lut, uint8_t* codes) {
+    const F vinv = Ops::set1(inv);
+    int64_t j = 0;
+    for (; j + Ops::N <= len; j += Ops::N) Ops::store_u8(codes + j, code_indices(Ops::clamp_unit(Ops::mul(Ops::load(v + j), vinv)), lut));
+    for (; j < len; ++j) codes[j] = nearest_code_index(scale_and_clamp(v[j], inv), lut.mids);
+  }
+
+  // The trust-ratio sums and tensor-wise maxima over [begin, end), in blocks of `unit` elements; nothing
+  // is written. Lanes follow Note [trust ratio].
+  template <class Rule, class T>
+  static void prepass(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t begin, int64_t end,
+                      int64_t unit, PrepassOut* out) {
+    const T* p = static_cast<const T*>(t.p);
+    const T* g = static_cast<const T*>(t.g);
+    typename Ops::I vmax[3];
+    for (int k = 0; k < Rule::kStates; ++k) vmax[k] = Ops::zero_i();
+    uint32_t max_bits[3] = {0, 0, 0};
+    for (int64_t start = begin; start < end; start += unit) {
+      const int64_t len = start + unit <= end ? unit : end - start;
+      const float* qmap[3] = {nullptr, nullptr, nullptr};
+      float am[3] = {0, 0, 0};
+      if (c.eight_bit) {
+        for (int k = 0; k < Rule::kStates; ++k) {
+          qmap[k] = c.luts[k]->code;
+          am[k] = c.blocksize > 0 ? t.absmax[k][start / c.blocksize] : t.absmax[k][0];
+        }
+      }
+      typename Ops::Acc16 acc_u = Ops::acc16_zero(), acc_p = Ops::acc16_zero();
+      int64_t i = 0;
+      for (; i + Ops::N <= len; i += Ops::N) {
+        F pv = Ops::load(p + start + i);
+        F s[3];
+        for (int k = 0; k < Rule::kStates; ++k)
+          s[k] = c.eight_bit ? Ops::mul(Ops::gather(qmap[k], Ops::load_u8(t.codes[k] + start + i)), Ops::set1(am[k]))
+                             : Ops::load(t.state32[k] + start + i);
+        Ops::acc16_add_sq(acc_p, pv, i);
+        const F u = step_vector(r, t.sc, c.skip_zeros, pv, Ops::load(g + start + i), s);
+        Ops::acc16_add_sq(acc_u, u, i);
+        for (int k = 0; k < Rule::kStates; ++k) vmax[k] = Ops::max_u32(vmax[k], Ops::abs_bits(s[k]));
+      }
+      Lanes16 lanes_u, lanes_p;
+      Ops::acc16_store(acc_u, lanes_u.lane);
+      Ops::acc16_store(acc_p, lanes_p.lane);
+      for (; i < len; ++i) {
+        float pf = to_f32(p[start + i]);
+        float s[3];
+        for (int k = 0; k < Rule::kStates; ++k)
+          s[k] = c.eight_bit ? qmap[k][t.codes[k][start + i]] * am[k] : t.state32[k][start + i];
+        lanes_p.add_sq(i, pf);
+        lanes_u.add_sq(i, step_element(r, t.sc, c.skip_zeros, pf, to_f32(g[start + i]), s));
+        for (int k = 0; k < Rule::kStates; ++k)
+          if (abs_bits(s[k]) > max_bits[k]) max_bits[k] = abs_bits(s[k]);
+      }
+      out->sum_u2 += lanes_u.total();
+      out->sum_p2 += lanes_p.total();
+    }
+    for (int k = 0; k < Rule::kStates; ++k) {
+      const uint32_t v = Ops::reduce_max_u32(vmax[k]);
+      out->max_bits[k] = v > max_bits[k] ? v : max_bits[k];
+    }
+  }
+};

@@ -1,0 +1,52 @@
+// optim_call.h — what one fused optimizer call receives: a group of tensors that share a rule's
+// hyper-parameters and a state format, each with its own parameter, gradient, states and step scalars.
+// The multi-tensor form keeps a step over hundreds of small tensors from being dominated by the
+// per-call cost of Python and the binding layer.
+#pragma once
+
+#include <cstdint>
+
+#include "code_lut.h"
+#include "optim_rules.h"
+
+namespace kbit {
+
+enum class ParamDtype : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// Largest 8-bit block whose new states are held in a stack buffer between update and requantization.
+inline constexpr int64_t kMaxFusedBlock = 4096;
+// 32-bit states and tensor-wise 8-bit states are processed in chunks of this many elements.
+inline constexpr int64_t kChunk = 4096;
+
+struct OptimTensor {
+  void* p;          // parameter (ParamDtype), updated in place
+  const void* g;    // gradient, same dtype as p
+  int64_t n;        // elements of p (a state has kStates * n values in total)
+  float* state32[3];    // 32-bit mode: each logical state (n floats)
+  uint8_t* codes[3];    // 8-bit mode: each logical state's codes (n bytes)
+  float* absmax[3];     // 8-bit mode: per-block absmax (ceil(n / blocksize)), or 1 value when tensor-wise
+  float* unorm_out;     // receives the update norm of the trust-ratio test (may be null)
+  StepScalars sc;       // gnorm_scale and k (the kernel multiplies k by the trust-ratio scale)
+  double unorm_factor;  // the update norm is sqrt(sum u^2) * unorm_factor (1 / bc1 for adam, else 1)
+};
+
+template <class Rule>
+struct OptimCall {
+  const OptimTensor* tensors;
+  const Rule* rules;  // one per tensor (per-tensor fields differ)
+  int64_t ntensors;
+  ParamDtype dtype;
+  bool eight_bit;
+  int64_t blocksize;               // 8-bit: block size (<= kMaxFusedBlock), or 0 for one absmax per tensor
+  const CodeLut* luts[3];          // 8-bit: the code map of each logical state
+  bool skip_zeros;
+  // Note [trust ratio]
+  // With max_unorm > 0 the step is scaled by min(1, (max_unorm * |p| + trust_eps) / |u|_scaled) where
+  // |p| is the parameter norm before the step and |u|_scaled = sqrt(sum u^2) * unorm_factor. Both sums
+  // come from a pre-pass over the tensor in a fixed order (16 float64 lanes per block, then blocks in
+  // order), so every ISA level and thread count computes the same scale.
+  float max_unorm;
+  float trust_eps;
+};
+
+}  // namespace kbit
