@@ -152,15 +152,15 @@ void launch(const Group& grp, const std::vector<Rule>& rules, void (*fn)(const O
 void adam_step(Arrays params, Arrays grads, Arrays state1, Arrays state2, Arrays absmax1, Arrays absmax2, Arrays qmaps,
                int64_t blocksize, std::vector<double> lr, std::vector<int64_t> step, std::vector<double> gnorm_scale,
                Arrays unorm_out, double beta1, double beta2, double eps, double weight_decay, double max_unorm,
-               bool skip_zeros, int threads) {
+               bool skip_zeros, bool bias_correction, int threads) {
   std::vector<Arrays> absmax;
   if (!absmax1.empty()) absmax = {absmax1, absmax2};
   Group grp = build_group(params, grads, {state1, state2}, absmax, qmaps, {1, 1}, blocksize, gnorm_scale, unorm_out);
   check_lengths(grp.tensors.size(), lr, step);
   std::vector<AdamRule> rules(grp.tensors.size());
   for (size_t i = 0; i < rules.size(); ++i) {
-    const double bc1 = 1.0 - std::pow(beta1, double(step[i]));
-    const double bc2 = std::sqrt(1.0 - std::pow(beta2, double(step[i])));
+    const double bc1 = bias_correction ? 1.0 - std::pow(beta1, double(step[i])) : 1.0;
+    const double bc2 = bias_correction ? std::sqrt(1.0 - std::pow(beta2, double(step[i]))) : 1.0;
     rules[i] = {float(beta1), float(beta2), float(1.0 - beta1), float(1.0 - beta2), float(eps),
                 float(1.0 - lr[i] * weight_decay), float(bc2)};
     grp.tensors[i].sc.k = float(lr[i] / bc1);
@@ -260,7 +260,7 @@ void register_optim_bindings(nb::module_& m) {
   const auto a = [](const char* name) { return nb::arg(name).noconvert(); };
   m.def("adam_step", &adam_step, a("params"), a("grads"), a("state1"), a("state2"), a("absmax1"), a("absmax2"),
         a("qmaps"), "blocksize"_a, "lr"_a, "step"_a, "gnorm_scale"_a, a("unorm_out"), "beta1"_a, "beta2"_a, "eps"_a,
-        "weight_decay"_a, "max_unorm"_a, "skip_zeros"_a, "threads"_a);
+        "weight_decay"_a, "max_unorm"_a, "skip_zeros"_a, "bias_correction"_a, "threads"_a);
   m.def("ademamix_step", &ademamix_step, a("params"), a("grads"), a("state1"), a("state2"), a("absmax1"), a("absmax2"),
         a("qmaps"), "blocksize"_a, "lr"_a, "step"_a, "gnorm_scale"_a, "beta3"_a, "alpha"_a, "beta1"_a, "beta2"_a,
         "eps"_a, "weight_decay"_a, "threads"_a);

@@ -1,0 +1,230 @@
+"""Pure-PyTorch optimizer steps: the specification of the fused optimizer ops, for every device.
+
+Every float32 operation happens in the order csrc/cpu/optim_rules.h performs it (plain multiplies and
+adds: no addcmul, lerp or alpha=, which may fuse), and the per-tensor scalars are computed in float64
+and rounded once, as csrc/optim_bindings.cpp does. Without a trust ratio the native kernels therefore
+match this module bit for bit; with one (max_unorm > 0) the norms are summed in a different order and
+agree to float64 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Callable, Sequence
+
+import torch
+
+from .. import _optim_ops
+from .._ops import implements
+from . import reference
+
+
+def f32(x: float) -> float:
+    """x rounded to the nearest float32 (the kernels receive their scalars as float32)."""
+    return struct.unpack("f", struct.pack("f", float(x)))[0]
+
+
+# ---- states: dequantize / requantize ---------------------------------------------------------------
+class _StateIO:
+    """Reads the logical states of one tensor as float32 and writes them back (quantized in 8-bit mode)."""
+
+    def __init__(self, storages: Sequence[torch.Tensor], absmaxes: Sequence[torch.Tensor] | None,
+                 qmaps: Sequence[torch.Tensor], rows: Sequence[int], n: int, blocksize: int):
+        self.storages, self.absmaxes, self.qmaps, self.rows, self.n = storages, absmaxes, qmaps, rows, n
+        self.eight_bit = storages[0].dtype == torch.uint8
+        self.blocksize = blocksize if blocksize > 0 else max(n, 1)
+
+    def read(self) -> list[torch.Tensor]:
+        out = []
+        for j, storage in enumerate(self.storages):
+            flat = storage.reshape(self.rows[j], self.n)
+            for r in range(self.rows[j]):
+                if self.eight_bit:
+                    absmax = self.absmaxes[j].reshape(self.rows[j], -1)[r]
+                    out.append(reference._dequantize_blockwise(flat[r], absmax, self.qmaps[j], self.blocksize,
+                                                               torch.float32))
+                else:
+                    out.append(flat[r].clone())
+        return out
+
+    def write(self, states: Sequence[torch.Tensor]) -> None:
+        k = 0
+        for j, storage in enumerate(self.storages):
+            flat = storage.view(self.rows[j], self.n)
+            for r in range(self.rows[j]):
+                if self.eight_bit:
+                    codes, absmax = reference.quantize_blockwise(states[k], self.qmaps[j], self.blocksize)
+                    flat[r].copy_(codes)
+                    self.absmaxes[j].view(self.rows[j], -1)[r].copy_(absmax)
+                else:
+                    flat[r].copy_(states[k])
+                k += 1
+
+
+# ---- the rules (csrc/cpu/optim_rules.h) --------------------------------------------------------------
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square root (IEEE sqrt, as the kernels' sqrtps). torch's own float32 sqrt
+    is off by one ulp for some inputs on CPU; float64 sqrt rounded to float32 is exact for float32 input."""
+    return x.double().sqrt().float()
+
+
+
+# Each rule takes its hyper-parameters in float64 and rounds every scalar once, as the bindings do
+# (1 - beta is computed before rounding, not from the rounded beta).
+def _adam_rule(beta1, beta2, eps, decay, bc2):
+    def rule(p, g, s):
+        p = p * f32(decay)
+        s[0] = s[0] * f32(beta1) + g * f32(1.0 - beta1)
+        s[1] = s[1] * f32(beta2) + (g * g) * f32(1.0 - beta2)
+        return p, s[0] / (_sqrt(s[1]) / f32(bc2) + f32(eps))
+
+    return rule
+
+
+def _ademamix_rule(beta1, beta2, beta3, alpha, eps, decay, bc1, bc2):
+    def rule(p, g, s):
+        p = p * f32(decay)
+        s[0] = s[0] * f32(beta1) + g * f32(1.0 - beta1)
+        s[1] = s[1] * f32(beta3) + g * f32(1.0 - beta3)
+        s[2] = s[2] * f32(beta2) + (g * g) * f32(1.0 - beta2)
+        denom = _sqrt(s[2]) / f32(bc2) + f32(eps)
+        return p, (s[0] / f32(bc1) + s[1] * f32(alpha)) / denom
+
+    return rule
+
+
+def _lion_rule(beta1, beta2, decay):
+    def rule(p, g, s):
+        p = p * f32(decay)
+        u = torch.sign(s[0] * f32(beta1) + g * f32(1.0 - beta1))
+        s[0] = s[0] * f32(beta2) + g * f32(1.0 - beta2)
+        return p, u
+
+    return rule
+
+
+def _momentum_rule(momentum, dampening, weight_decay, nesterov, first):
+    def rule(p, g, s):
+        if weight_decay != 0.0:
+            g = g + p * f32(weight_decay)
+        s[0] = g.clone() if first else s[0] * f32(momentum) + g * f32(1.0 - dampening)
+        return p, (g + s[0] * f32(momentum)) if nesterov else s[0]
+
+    return rule
+
+
+def _rmsprop_rule(alpha, eps, weight_decay):
+    def rule(p, g, s):
+        if weight_decay != 0.0:
+            g = g + p * f32(weight_decay)
+        s[0] = s[0] * f32(alpha) + (g * g) * f32(1.0 - alpha)
+        return p, g / (_sqrt(s[0]) + f32(eps))
+
+    return rule
+
+
+def _adagrad_rule(eps, weight_decay):
+    def rule(p, g, s):
+        if weight_decay != 0.0:
+            g = g + p * f32(weight_decay)
+        s[0] = s[0] + g * g
+        return p, g / (_sqrt(s[0]) + f32(eps))
+
+    return rule
+
+
+def _step_tensor(p, g, io: _StateIO, rule: Callable, k: float, gnorm_scale: float, skip_zeros: bool,
+                 max_unorm: float, trust_eps: float, unorm_factor: float, unorm_out) -> None:
+    """Note [optimizer step] for one tensor, with the trust ratio of Note [trust ratio]."""
+    p32 = p.detach().reshape(-1).float()
+    g32 = g.detach().reshape(-1).float() * f32(gnorm_scale)
+    old = io.read()
+    states = [s.clone() for s in old]
+    p_new, u = rule(p32, g32, states)
+    if skip_zeros:
+        zero = g32 == 0
+        p_new = torch.where(zero, p32, p_new)
+        states = [torch.where(zero, o, s) for o, s in zip(old, states)]
+        u = torch.where(zero, torch.zeros_like(u), u)
+    if max_unorm > 0.0:
+        unorm = math.sqrt(float((u.double() ** 2).sum())) * unorm_factor
+        threshold = max_unorm * math.sqrt(float((p32.double() ** 2).sum())) + trust_eps
+        if unorm > threshold and unorm > 0.0:
+            k = f32(k * (threshold / unorm))
+        if unorm_out is not None:
+            unorm_out.fill_(unorm)
+    p_new = p_new - u * k
+    p.detach().copy_(p_new.reshape(p.shape))  # one rounding to p's dtype
+    io.write(states)
+
+
+def _iter_group(params, grads, storages, absmaxes, qmaps, rows, blocksize):
+    eight_bit = bool(params) and storages[0][0].dtype == torch.uint8
+    for i, (p, g) in enumerate(zip(params, grads)):
+        io = _StateIO([s[i] for s in storages], [a[i] for a in absmaxes] if eight_bit else None,
+                      list(qmaps), rows, p.numel(), blocksize)
+        yield i, p, g, io
+
+
+@implements("adam_step_", None)
+def adam_step_(params, grads, state1, state2, absmax1, absmax2, qmaps, blocksize, lr, step, gnorm_scale, unorm_out,
+               beta1, beta2, eps, weight_decay, max_unorm, skip_zeros, bias_correction):
+    _optim_ops.check_group(params, grads, [state1, state2], lr, step, gnorm_scale)
+    for i, p, g, io in _iter_group(params, grads, [state1, state2], [absmax1, absmax2], qmaps, (1, 1), blocksize):
+        bc1 = 1.0 - beta1 ** step[i] if bias_correction else 1.0
+        bc2 = math.sqrt(1.0 - beta2 ** step[i]) if bias_correction else 1.0
+        rule = _adam_rule(beta1, beta2, eps, 1.0 - lr[i] * weight_decay, bc2)
+        _step_tensor(p, g, io, rule, f32(lr[i] / bc1), gnorm_scale[i], skip_zeros, max_unorm, 0.0, 1.0 / bc1,
+                     unorm_out[i] if unorm_out else None)
+
+
+@implements("ademamix_step_", None)
+def ademamix_step_(params, grads, state1, state2, absmax1, absmax2, qmaps, blocksize, lr, step, gnorm_scale, beta3,
+                   alpha, beta1, beta2, eps, weight_decay):
+    _optim_ops.check_group(params, grads, [state1, state2], lr, step, gnorm_scale)
+    for i, p, g, io in _iter_group(params, grads, [state1, state2], [absmax1, absmax2], qmaps, (2, 1), blocksize):
+        bc1 = 1.0 - beta1 ** step[i]
+        bc2 = math.sqrt(1.0 - beta2 ** step[i])
+        rule = _ademamix_rule(beta1, beta2, beta3[i], alpha[i], eps, 1.0 - lr[i] * weight_decay, bc1, bc2)
+        _step_tensor(p, g, io, rule, f32(lr[i]), gnorm_scale[i], False, 0.0, 0.0, 1.0, None)
+
+
+@implements("lion_step_", None)
+def lion_step_(params, grads, state1, absmax1, qmaps, blocksize, lr, step, gnorm_scale, beta1, beta2, weight_decay,
+               skip_zeros):
+    _optim_ops.check_group(params, grads, [state1], lr, step, gnorm_scale)
+    for i, p, g, io in _iter_group(params, grads, [state1], [absmax1], qmaps, (1,), blocksize):
+        rule = _lion_rule(beta1, beta2, 1.0 - lr[i] * weight_decay)
+        _step_tensor(p, g, io, rule, f32(lr[i]), gnorm_scale[i], skip_zeros, 0.0, 0.0, 1.0, None)
+
+
+@implements("momentum_step_", None)
+def momentum_step_(params, grads, state1, absmax1, qmaps, blocksize, lr, step, gnorm_scale, unorm_out, momentum,
+                   dampening, weight_decay, nesterov, max_unorm, trust_eps, skip_zeros):
+    _optim_ops.check_group(params, grads, [state1], lr, step, gnorm_scale)
+    for i, p, g, io in _iter_group(params, grads, [state1], [absmax1], qmaps, (1,), blocksize):
+        rule = _momentum_rule(momentum, dampening, weight_decay, nesterov, step[i] == 1)
+        _step_tensor(p, g, io, rule, f32(lr[i]), gnorm_scale[i], skip_zeros, max_unorm, f32(trust_eps), 1.0,
+                     unorm_out[i] if unorm_out else None)
+
+
+@implements("rmsprop_step_", None)
+def rmsprop_step_(params, grads, state1, absmax1, qmaps, blocksize, lr, step, gnorm_scale, unorm_out, alpha, eps,
+                  weight_decay, max_unorm, skip_zeros):
+    _optim_ops.check_group(params, grads, [state1], lr, step, gnorm_scale)
+    for i, p, g, io in _iter_group(params, grads, [state1], [absmax1], qmaps, (1,), blocksize):
+        rule = _rmsprop_rule(alpha, eps, weight_decay)
+        _step_tensor(p, g, io, rule, f32(lr[i]), gnorm_scale[i], skip_zeros, max_unorm, f32(eps), 1.0,
+                     unorm_out[i] if unorm_out else None)
+
+
+@implements("adagrad_step_", None)
+def adagrad_step_(params, grads, state1, absmax1, qmaps, blocksize, lr, step, gnorm_scale, eps, weight_decay, lr_decay,
+                  skip_zeros):
+    _optim_ops.check_group(params, grads, [state1], lr, step, gnorm_scale)
+    for i, p, g, io in _iter_group(params, grads, [state1], [absmax1], qmaps, (1,), blocksize):
+        rule = _adagrad_rule(eps, weight_decay)
+        k = f32(lr[i] / (1.0 + (step[i] - 1) * lr_decay))
+        _step_tensor(p, g, io, rule, k, gnorm_scale[i], skip_zeros, 0.0, 0.0, 1.0, None)
+
