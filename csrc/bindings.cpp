@@ -48,7 +48,7 @@ void require_dtype(const Array& a, nb::dlpack::dtype dt, const char* what, const
 
 int64_t numel(const Array& a) { return int64_t(a.size()); }
 
-int64_t num_blocks(int64_t n, int64_t blocksize) { return (n + blocksize - 1) / blocksize; }
+int64_t num_blocks(int64_t n, int64_t blocksize) { return ceil_div(n, blocksize); }
 
 void check_blocksize(int64_t blocksize) { require(blocksize > 0, "blocksize must be positive"); }
 
@@ -197,6 +197,7 @@ nb::dict format_tables() {
   d["blocksizes_4bit"] = blocksizes;
   d["nested_blocksize_4bit"] = formats::kNestedBlocksize4bit;
   d["code_size_8bit"] = formats::kCodeSize8bit;
+  d["optimizer_blocksize_8bit"] = formats::kOptimizerBlocksize8bit;
   d["high_nibble_shift"] = formats::kHighNibbleShift;
   return d;
 }

@@ -77,6 +77,8 @@ inline constexpr int64_t kBlocksizes4bit[8] = {32, 64, 128, 256, 512, 1024, 2048
 inline constexpr int64_t kNestedBlocksize4bit = 256;
 // Number of entries of an 8-bit code map.
 inline constexpr int kCodeSize8bit = 256;
+// Block size of blockwise 8-bit optimizer states (bitsandbytes >= 0.44; 2048 before).
+inline constexpr int64_t kOptimizerBlocksize8bit = 256;
 
 enum class QuantType4bit : int { kFP4 = 0, kNF4 = 1 };
 

@@ -100,7 +100,7 @@ Group build_group(const Arrays& params, const Arrays& grads, const std::vector<A
       if (unorm_out[i].dtype() != nb::dtype<float>() || unorm_out[i].size() < 1) fail("unorm_out entries must be float32");
       t.unorm_out = static_cast<float*>(unorm_out[i].data());
     }
-    const int64_t blocks = grp.eight_bit && blocksize > 0 ? (n + blocksize - 1) / blocksize : 1;
+    const int64_t blocks = grp.eight_bit && blocksize > 0 ? ceil_div(n, blocksize) : 1;
     int k = 0;
     for (size_t j = 0; j < rows.size(); ++j) {
       const Array& s = storage[j][i];

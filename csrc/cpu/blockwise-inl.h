@@ -56,7 +56,7 @@ inline typename Ops::I code_indices(typename Ops::F s, const LutView lut) {
 template <class T>
 void quantize_blockwise(const T* x, int64_t n, int64_t blocksize, const CodeLut* lut, float* absmax,
                         uint8_t* codes, int threads) {
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  const int64_t nblocks = ceil_div(n, blocksize);
   parallel_for_blocks(nblocks, blocksize, threads, [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
       const int64_t start = b * blocksize;
@@ -81,7 +81,7 @@ void quantize_blockwise(const T* x, int64_t n, int64_t blocksize, const CodeLut*
 template <class T>
 void dequantize_blockwise(const uint8_t* codes, int64_t n, int64_t blocksize, const float* code,
                           const float* absmax, T* out, int threads) {
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  const int64_t nblocks = ceil_div(n, blocksize);
   parallel_for_blocks(nblocks, blocksize, threads, [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
       const int64_t start = b * blocksize;

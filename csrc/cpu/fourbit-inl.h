@@ -77,7 +77,7 @@ inline typename Ops::I codes_4bit(typename Ops::F s, formats::QuantType4bit qt, 
 template <class T>
 void quantize_4bit(const T* x, int64_t n, int64_t blocksize, formats::QuantType4bit qt, float* absmax,
                    uint8_t* packed, int threads) {
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  const int64_t nblocks = ceil_div(n, blocksize);
   const Codes4bitTables tables = make_tables(qt);
   const uint8_t pad_code = code_4bit(0.0f, qt);
   parallel_for_blocks(nblocks, blocksize, threads, [&](int64_t first, int64_t last) {
@@ -108,7 +108,7 @@ void quantize_4bit(const T* x, int64_t n, int64_t blocksize, formats::QuantType4
 template <class T>
 void dequantize_4bit(const uint8_t* packed, int64_t n, int64_t blocksize, formats::QuantType4bit qt,
                      const float* absmax, T* out, int threads) {
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  const int64_t nblocks = ceil_div(n, blocksize);
   const Codes4bitTables tables = make_tables(qt);
   const float* values = table_4bit(qt);
   parallel_for_blocks(nblocks, blocksize, threads, [&](int64_t first, int64_t last) {

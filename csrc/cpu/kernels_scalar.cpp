@@ -22,7 +22,7 @@ float block_absmax(const T* x, int64_t len) {
 template <class T>
 void quantize_blockwise(const T* x, int64_t n, int64_t blocksize, const CodeLut* lut, float* absmax,
                         uint8_t* codes, int threads) {
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  const int64_t nblocks = ceil_div(n, blocksize);
   parallel_for_blocks(nblocks, blocksize, threads, [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
       const int64_t start = b * blocksize, len = start + blocksize <= n ? blocksize : n - start;
@@ -37,7 +37,7 @@ void quantize_blockwise(const T* x, int64_t n, int64_t blocksize, const CodeLut*
 template <class T>
 void dequantize_blockwise(const uint8_t* codes, int64_t n, int64_t blocksize, const float* code,
                           const float* absmax, T* out, int threads) {
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  const int64_t nblocks = ceil_div(n, blocksize);
   parallel_for_blocks(nblocks, blocksize, threads, [&](int64_t first, int64_t last) {
     for (int64_t k = first * blocksize; k < n && k < last * blocksize; ++k)
       from_f32(code[codes[k]] * absmax[k / blocksize], out + k);
@@ -47,7 +47,7 @@ void dequantize_blockwise(const uint8_t* codes, int64_t n, int64_t blocksize, co
 template <class T>
 void quantize_4bit(const T* x, int64_t n, int64_t blocksize, formats::QuantType4bit qt, float* absmax,
                    uint8_t* packed, int threads) {
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  const int64_t nblocks = ceil_div(n, blocksize);
   const uint8_t pad_code = code_4bit(0.0f, qt);
   parallel_for_blocks(nblocks, blocksize, threads, [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
@@ -66,7 +66,7 @@ void quantize_4bit(const T* x, int64_t n, int64_t blocksize, formats::QuantType4
 template <class T>
 void dequantize_4bit(const uint8_t* packed, int64_t n, int64_t blocksize, formats::QuantType4bit qt,
                      const float* absmax, T* out, int threads) {
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  const int64_t nblocks = ceil_div(n, blocksize);
   const float* values = table_4bit(qt);
   parallel_for_blocks(nblocks, blocksize, threads, [&](int64_t first, int64_t last) {
     for (int64_t k = first * blocksize; k < n && k < last * blocksize; ++k) {

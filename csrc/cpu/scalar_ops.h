@@ -113,13 +113,23 @@ inline void from_f32(float f, f16_t* out) {
   out->bits = uint16_t(sign | h);
 }
 
+// Number of blocks of `blocksize` covering n elements, without the overflow of (n + blocksize - 1) for
+// block sizes near INT64_MAX.
+inline int64_t ceil_div(int64_t n, int64_t blocksize) { return n / blocksize + (n % blocksize != 0); }
+
 // ---- blockwise scaling ----------------------------------------------------------------------------
 // Note [scaling rule]
 // A block's scale is absmax = max |x| over its valid elements (NaN if any element is NaN). Each value is
 // scaled by multiplying with the float32 reciprocal 1/absmax (as bitsandbytes' CUDA kernels do) and
 // clamped to [-1, 1]; an all-zero block uses a reciprocal of 0 so every element scales to 0.
 // A NaN stays NaN through the clamp and receives code 0.
-inline float block_reciprocal(float absmax) { return absmax == 0.0f ? 0.0f : 1.0f / absmax; }
+// A subnormal absmax (below ~2.9e-39) has no finite float32 reciprocal; FLT_MAX keeps 0 at 0 (an infinite
+// one would turn 0 * inf into NaN) and scales the block's values into [-1, 1] all the same.
+inline float block_reciprocal(float absmax) {
+  if (absmax == 0.0f) return 0.0f;
+  const float inv = 1.0f / absmax;
+  return inv == std::numeric_limits<float>::infinity() ? std::numeric_limits<float>::max() : inv;
+}
 
 inline float scale_and_clamp(float x, float inv) {
   float s = x * inv;

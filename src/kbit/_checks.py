@@ -12,6 +12,9 @@ import torch
 
 from .formats import BLOCKSIZES_4BIT, CODE_SIZE_8BIT, QUANT_TYPES_4BIT
 
+#: Largest block size accepted: the native layer counts in int64 (any size >= numel means one block).
+MAX_BLOCKSIZE = 2**63 - 1
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STORAGE_DTYPES_4BIT = (torch.uint8, torch.int8, torch.bfloat16, torch.float16, torch.float32)
 
@@ -33,8 +36,8 @@ def float_dtype(dtype: torch.dtype, what: str = "dtype") -> None:
 def blocksize_8bit(blocksize: int) -> None:
     if isinstance(blocksize, bool) or not isinstance(blocksize, int):
         raise TypeError(f"blocksize must be an int, got {type(blocksize).__name__}")
-    if blocksize <= 0:
-        raise ValueError(f"blocksize must be a positive int (got {blocksize}); bitsandbytes uses 64..4096")
+    if not 0 < blocksize <= MAX_BLOCKSIZE:
+        raise ValueError(f"blocksize must be a positive int below 2**63 (got {blocksize}); bitsandbytes uses 64..4096")
 
 
 def blocksize_4bit(blocksize: int) -> None:

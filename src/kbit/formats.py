@@ -37,6 +37,8 @@ NESTED_BLOCKSIZE_4BIT = int(_TABLES["nested_blocksize_4bit"])
 #: Bits of the high nibble shift (Note [nibble order] in csrc/formats.h).
 HIGH_NIBBLE_SHIFT = int(_TABLES["high_nibble_shift"])
 CODE_SIZE_8BIT = int(_TABLES["code_size_8bit"])
+#: Block size of blockwise 8-bit optimizer states.
+OPTIMIZER_BLOCKSIZE_8BIT = int(_TABLES["optimizer_blocksize_8bit"])
 
 NF4_VALUES = tuple(_TABLES["nf4"])
 FP4_VALUES = tuple(_TABLES["fp4"])

@@ -54,6 +54,8 @@ def unpack_tensor_to_dict(t: torch.Tensor) -> dict:
         d = json.loads(bytes(t.cpu().tolist()).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"packed quant_state is not valid UTF-8 JSON: {exc}") from None
+    except RecursionError:  # deeply nested arrays: not a quant_state, and json would recurse per level
+        raise ValueError("packed quant_state is nested too deeply to be a quant_state") from None
     if not isinstance(d, dict):
         raise ValueError(f"packed quant_state must hold a JSON object (got {type(d).__name__})")
     return d
@@ -180,7 +182,10 @@ class QuantState:
                     f"Detected {blob_keys}."
                 )
         if len(blob_keys) == 1:
+            suffix = blob_keys[0].split(".")[-1]
             blob = unpack_tensor_to_dict(d.pop(blob_keys[0]))
+            if suffix in cls.valid_qs_type_keys and blob.get("quant_type") != suffix[len("bitsandbytes__"):]:
+                raise ValueError(f"quant_state key {blob_keys[0]!r} disagrees with its quant_type {blob.get('quant_type')!r}")
             d.update(blob)
         d = {k.split(".")[-1]: v for k, v in d.items()}
         unknown = sorted(set(d) - set(cls.valid_qs_keys))
@@ -215,6 +220,8 @@ class QuantState:
         if blocksize <= 0:
             raise ValueError(f"quant_state blocksize must be positive (got {blocksize})")
         shape = d.get("shape")
+        if quant_type is not None and shape is None:
+            raise ValueError("a 4-bit quant_state needs 'shape' (the shape of the quantized tensor)")
         if shape is not None:
             if (not isinstance(shape, (list, tuple, torch.Size)) or len(shape) > MAX_SHAPE_RANK
                     or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):

@@ -18,9 +18,11 @@ _ALL_DEVICES = None
 
 
 def _blocks(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int]:
-    """A flattened to float32 and zero-padded to whole blocks, as a (blocks, blocksize) view."""
+    """A flattened to float32 and zero-padded to whole blocks, as a (blocks, blocksize) view. A block larger
+    than the tensor is the tensor (padding it would allocate the whole block size)."""
     flat = A.reshape(-1).float()
     n = flat.numel()
+    blocksize = min(blocksize, max(n, 1))
     pad = num_blocks(n, blocksize) * blocksize - n
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
@@ -35,6 +37,8 @@ def absmax_and_scaled(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, to
     has_nan = torch.isnan(blocks).any(dim=1)
     absmax = torch.where(has_nan, torch.full_like(absmax, float("nan")), absmax)
     inv = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)
+    # A subnormal absmax has no finite reciprocal: block_reciprocal() in csrc/cpu/scalar_ops.h uses FLT_MAX.
+    inv = torch.where(torch.isinf(inv), torch.full_like(inv, torch.finfo(torch.float32).max), inv)
     scaled = (blocks * inv[:, None]).clamp(-1.0, 1.0)
     return absmax, scaled.reshape(-1)[:n], n
 
@@ -58,11 +62,15 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
     return codes.reshape(A.shape), absmax
 
 
+def block_scale(absmax: torch.Tensor, n: int, blocksize: int) -> torch.Tensor:
+    """absmax[k // blocksize] for k < n (gathered: block sizes may exceed n by far)."""
+    return absmax[torch.div(torch.arange(n, device=absmax.device), blocksize, rounding_mode="floor")]
+
+
 def _dequantize_blockwise(A, absmax, code, blocksize, dtype) -> torch.Tensor:
     n = A.numel()
     values = code[A.reshape(-1).long()]
-    scale = absmax.repeat_interleave(blocksize)[:n] if n else absmax.new_zeros(0)
-    return (values * scale).to(dtype).reshape(A.shape)
+    return (values * block_scale(absmax, n, blocksize)).to(dtype).reshape(A.shape)
 
 
 @_ops.implements("dequantize_blockwise", _ALL_DEVICES)
@@ -109,8 +117,7 @@ def _dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype) -> torch.Te
     data = A.reshape(-1).view(torch.uint8)[: (n + 1) // 2].long()
     codes = torch.stack([data >> HIGH_NIBBLE_SHIFT, data & 0x0F], dim=1).reshape(-1)[:n]
     values = get_4bit_type(quant_type, A.device)[codes]
-    scale = absmax.repeat_interleave(blocksize)[:n] if n else absmax.new_zeros(0)
-    return (values * scale).to(dtype).reshape(tuple(shape))
+    return (values * block_scale(absmax, n, blocksize)).to(dtype).reshape(tuple(shape))
 
 
 @_ops.implements("dequantize_4bit", _ALL_DEVICES)
