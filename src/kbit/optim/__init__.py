@@ -1,0 +1,43 @@
+"""kbit.optim: 32-bit and 8-bit optimizers with bitsandbytes' API and state format.
+
+Every optimizer comes as ``Name`` (``optim_bits`` chooses), ``Name8bit``, ``Name32bit`` and, where
+bitsandbytes has them, ``PagedName*``. State is updated by fused native kernels on CPU (one pass over
+memory per parameter) and by the pure-PyTorch reference on other devices.
+"""
+
+from .adagrad import Adagrad, Adagrad8bit, Adagrad32bit
+from .adam import (
+    Adam,
+    Adam8bit,
+    Adam32bit,
+    AdamW,
+    AdamW8bit,
+    AdamW32bit,
+    PagedAdam,
+    PagedAdam8bit,
+    PagedAdam32bit,
+    PagedAdamW,
+    PagedAdamW8bit,
+    PagedAdamW32bit,
+)
+from .ademamix import AdEMAMix, AdEMAMix8bit, AdEMAMix32bit, PagedAdEMAMix, PagedAdEMAMix8bit, PagedAdEMAMix32bit
+from .lamb import LAMB, LAMB8bit, LAMB32bit
+from .lars import LARS, LARS8bit, LARS32bit, PytorchLARS
+from .lion import Lion, Lion8bit, Lion32bit, PagedLion, PagedLion8bit, PagedLion32bit
+from .manager import GlobalOptimManager
+from .optimizer import MockArgs, Optimizer1State, Optimizer2State, Optimizer8bit
+from .rmsprop import RMSprop, RMSprop8bit, RMSprop32bit
+from .sgd import SGD, SGD8bit, SGD32bit
+
+__all__ = [
+    "Adagrad", "Adagrad8bit", "Adagrad32bit",
+    "Adam", "Adam8bit", "Adam32bit", "PagedAdam", "PagedAdam8bit", "PagedAdam32bit",
+    "AdamW", "AdamW8bit", "AdamW32bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit",
+    "AdEMAMix", "AdEMAMix8bit", "AdEMAMix32bit", "PagedAdEMAMix", "PagedAdEMAMix8bit", "PagedAdEMAMix32bit",
+    "LAMB", "LAMB8bit", "LAMB32bit",
+    "LARS", "LARS8bit", "LARS32bit", "PytorchLARS",
+    "Lion", "Lion8bit", "Lion32bit", "PagedLion", "PagedLion8bit", "PagedLion32bit",
+    "GlobalOptimManager", "MockArgs", "Optimizer8bit", "Optimizer2State", "Optimizer1State",
+    "RMSprop", "RMSprop8bit", "RMSprop32bit",
+    "SGD", "SGD8bit", "SGD32bit",
+]
