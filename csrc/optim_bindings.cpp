@@ -162,7 +162,7 @@ void adam_step(Arrays params, Arrays grads, Arrays state1, Arrays state2, Arrays
     const double bc1 = bias_correction ? 1.0 - std::pow(beta1, double(step[i])) : 1.0;
     const double bc2 = bias_correction ? std::sqrt(1.0 - std::pow(beta2, double(step[i]))) : 1.0;
     rules[i] = {float(beta1), float(beta2), float(1.0 - beta1), float(1.0 - beta2), float(eps),
-                float(1.0 - lr[i] * weight_decay), float(bc2)};
+                float(1.0 - lr[i] * weight_decay), float(1.0 / bc2)};
     grp.tensors[i].sc.k = float(lr[i] / bc1);
     grp.tensors[i].unorm_factor = 1.0 / bc1;
   }
@@ -185,7 +185,8 @@ void ademamix_step(Arrays params, Arrays grads, Arrays state1, Arrays state2, Ar
     const double bc1 = 1.0 - std::pow(beta1, double(step[i]));
     const double bc2 = std::sqrt(1.0 - std::pow(beta2, double(step[i])));
     rules[i] = {float(beta1), float(beta2), float(1.0 - beta1), float(1.0 - beta2), float(eps), float(beta3[i]),
-                float(1.0 - beta3[i]), float(alpha[i]), float(1.0 - lr[i] * weight_decay), float(bc1), float(bc2)};
+                float(1.0 - beta3[i]), float(alpha[i]), float(1.0 - lr[i] * weight_decay), float(1.0 / bc1),
+                float(1.0 / bc2)};
     grp.tensors[i].sc.k = float(lr[i]);
   }
   launch(grp, rules, active_kernels().optim_ademamix, false, 0.0, 0.0, threads);

@@ -26,21 +26,21 @@ inline float block_absmax(const T* x, int64_t len) {
 // The CodeLut fields the search reads, copied into locals: the kernels store uint8 codes, which may alias
 // anything, so reading through the CodeLut pointer would reload every field after every store.
 struct LutView {
-  const uint8_t* bin_count;
-  const float* bin_mid;
+  const uint64_t* bins;
   const float* mids;
   int max_in_bin;
-  explicit LutView(const CodeLut& l) : bin_count(l.bin_count), bin_mid(l.bin_mid), mids(l.mids), max_in_bin(l.max_in_bin) {}
+  explicit LutView(const CodeLut& l) : bins(l.bins), mids(l.mids), max_in_bin(l.max_in_bin) {}
 };
 
-// Exact nearest-code indices of Ops::N scaled values, Note [8-bit code search].
-inline typename Ops::I code_indices(typename Ops::F s, const LutView lut) {
+// Exact nearest-code indices of Ops::N scaled values, Note [8-bit code search]. `finite_block` says the
+// block's absmax is finite, so no value can be NaN and the NaN masking can be skipped.
+inline typename Ops::I code_indices(typename Ops::F s, const LutView lut, bool finite_block) {
   typename Ops::I idx;
   if (lut.max_in_bin <= kMaxLutSteps) {
-    const typename Ops::I bin = Ops::order_key16(s);
-    idx = Ops::gather_u8(lut.bin_count, bin);
+    typename Ops::F first_mid;
+    Ops::gather_bins(lut.bins, Ops::order_key16(s), &idx, &first_mid);
     if (lut.max_in_bin > 0) {
-      idx = Ops::add_where(idx, Ops::lt(Ops::gather(lut.bin_mid, bin), s), 1);
+      idx = Ops::add_where(idx, Ops::lt(first_mid, s), 1);
       for (int k = 1; k < lut.max_in_bin; ++k) idx = Ops::add_where(idx, Ops::lt(Ops::gather(lut.mids, idx), s), 1);
     }
   } else {
@@ -50,8 +50,12 @@ inline typename Ops::I code_indices(typename Ops::F s, const LutView lut) {
       idx = Ops::add_where(idx, Ops::lt(m, s), step);
     }
   }
-  return Ops::zero_where(idx, Ops::isnan(s));
+  return finite_block ? idx : Ops::zero_where(idx, Ops::isnan(s));
 }
+
+// True when every value of a block with this absmax is finite (NaN absmax: the block has a NaN; an
+// infinite absmax gives inf * 0 = NaN when scaling).
+inline bool finite_absmax(float amax) { return amax <= std::numeric_limits<float>::max(); }
 
 template <class T>
 void quantize_blockwise(const T* x, int64_t n, int64_t blocksize, const CodeLut* lut, float* absmax,
@@ -68,10 +72,11 @@ void quantize_blockwise(const T* x, int64_t n, int64_t blocksize, const CodeLut*
       const float inv = block_reciprocal(amax);
       const typename Ops::F vinv = Ops::set1(inv);
       const LutView view(*lut);
+      const bool finite = finite_absmax(amax);
       int64_t i = 0;
       for (; i + Ops::N <= len; i += Ops::N) {
         const typename Ops::F s = Ops::clamp_unit(Ops::mul(Ops::load(xb + i), vinv));
-        Ops::store_u8(qb + i, code_indices(s, view));
+        Ops::store_u8(qb + i, code_indices(s, view, finite));
       }
       for (; i < len; ++i) qb[i] = nearest_code_index(scale_and_clamp(to_f32(xb[i]), inv), lut->mids);
     }

@@ -24,19 +24,19 @@ std::shared_ptr<CodeLut> build(const float* code) {
   lut->mids[255] = std::numeric_limits<float>::infinity();
   // bin_count for every bin (NaN lows, beyond -inf and +inf, get 0: NaN lanes are masked to code 0
   // and clamped values never reach them).
+  std::vector<uint8_t> count(kLutBins);
   for (uint32_t bin = 0; bin < uint32_t(kLutBins); ++bin) {
     const float low = bin_low(bin);
-    lut->bin_count[bin] = low == low ? nearest_code_index(low, lut->mids) : 0;
-    lut->bin_mid[bin] = lut->mids[lut->bin_count[bin]];
+    count[bin] = low == low ? nearest_code_index(low, lut->mids) : 0;
+    lut->bins[bin] = (uint64_t(f32_bits(lut->mids[count[bin]])) << 32) | count[bin];
   }
   // Only bins holding values of [-1, 1] are ever searched (values are clamped first).
   lut->max_in_bin = 0;
   const uint32_t first = order_key16(f32_bits(-1.0f)), last = order_key16(f32_bits(1.0f));
   for (uint32_t bin = first; bin <= last; ++bin) {
-    const int inside = int(lut->bin_count[bin + 1]) - int(lut->bin_count[bin]);
+    const int inside = int(count[bin + 1]) - int(count[bin]);
     if (inside > lut->max_in_bin) lut->max_in_bin = inside;
   }
-  std::memset(lut->bin_count + kLutBins, 0, 4);
   return lut;
 }
 

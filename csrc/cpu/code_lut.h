@@ -7,8 +7,9 @@
 // is the number of midpoints below the bin's lowest float, so the answer is bin_count plus the number of
 // midpoints inside the bin below s. No bin of a well-spread map (the dynamic maps, linear, fp8) holds
 // more than `max_in_bin` midpoints, so `max_in_bin` compare-and-step rounds finish the search exactly.
-// `bin_mid[bin]` = mids[bin_count[bin]], the first midpoint the search compares with, so the two
-// gathers of the first step are independent of each other (they overlap instead of chaining).
+// Each bin is one 64-bit entry: bin_count in the low word and mids[bin_count], the first midpoint the
+// search compares with, in the high word. One 64-bit gather fetches both (half the loads of two 32-bit
+// gathers, and no gather waits for another).
 // Maps with many equal entries (max_in_bin > kMaxLutSteps) use a vector binary search instead.
 #pragma once
 
@@ -23,9 +24,7 @@ inline constexpr int kMaxLutSteps = 3;
 struct CodeLut {
   float code[256];
   float mids[256];  // 255 midpoints (code[i] + code[i+1]) / 2 in float32, then +inf as a sentinel
-  // Gathered as 32-bit words at byte offsets, so 3 bytes of padding keep the last read in bounds.
-  uint8_t bin_count[kLutBins + 4];
-  float bin_mid[kLutBins];
+  uint64_t bins[kLutBins];  // (float bits of mids[count]) << 32 | count
   int max_in_bin;
 };
 

@@ -23,21 +23,23 @@ namespace kbit {
 // Fields marked "per tensor" depend on the step or lr and are filled for each tensor of a call.
 
 // Adam / AdamW / LAMB ("adam"), states m, v:
-//   p <- p (1 - lr wd);  m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2;  u = m / (sqrt(v) / bc2 + eps);
-//   k = lr / bc1, with bc1 = 1 - b1^t, bc2 = sqrt(1 - b2^t): torch.optim.AdamW's formulation.
+//   p <- p (1 - lr wd);  m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2;  u = m / (sqrt(v) * (1/bc2) + eps);
+//   k = lr / bc1, with bc1 = 1 - b1^t, bc2 = sqrt(1 - b2^t): torch.optim.AdamW's formulation, except that
+//   sqrt(v) is multiplied by the reciprocal of bc2 (a division per element costs as much as the rest of the
+//   rule; the results differ from torch's by at most an ulp of the denominator).
 struct AdamRule {
   static constexpr int kStates = 2;
   float beta1, beta2, omb1, omb2, eps;
-  float decay, bc2;  // per tensor
+  float decay, inv_bc2;  // per tensor
 };
 
 // AdEMAMix (Pagliardini et al. 2024), states m1 (fast EMA), m2 (slow EMA), nu:
 //   p <- p (1 - lr wd);  m1 <- b1 m1 + (1-b1) g;  m2 <- b3 m2 + (1-b3) g;  nu <- b2 nu + (1-b2) g^2;
-//   u = (m1 / bc1 + alpha m2) / (sqrt(nu) / bc2 + eps);  k = lr.
+//   u = (m1 * (1/bc1) + alpha m2) / (sqrt(nu) * (1/bc2) + eps);  k = lr.
 struct AdEMAMixRule {
   static constexpr int kStates = 3;
   float beta1, beta2, omb1, omb2, eps;
-  float beta3, omb3, alpha, decay, bc1, bc2;  // per tensor (beta3 and alpha may follow schedules)
+  float beta3, omb3, alpha, decay, inv_bc1, inv_bc2;  // per tensor (beta3 and alpha may follow schedules)
 };
 
 // Lion (Chen et al. 2023), state m:  p <- p (1 - lr wd);  u = sign(b1 m + (1-b1) g);  m <- b2 m + (1-b2) g;  k = lr.
@@ -99,7 +101,7 @@ inline void update(const AdamRule& r, typename M::F& p, typename M::F g, typenam
   p = M::mul(p, M::set1(r.decay));
   s[0] = M::add(M::mul(M::set1(r.beta1), s[0]), M::mul(M::set1(r.omb1), g));
   s[1] = M::add(M::mul(M::set1(r.beta2), s[1]), M::mul(M::set1(r.omb2), M::mul(g, g)));
-  *u = M::div(s[0], M::add(M::div(M::sqrt(s[1]), M::set1(r.bc2)), M::set1(r.eps)));
+  *u = M::div(s[0], M::add(M::mul(M::sqrt(s[1]), M::set1(r.inv_bc2)), M::set1(r.eps)));
 }
 
 template <class M>
@@ -108,8 +110,8 @@ inline void update(const AdEMAMixRule& r, typename M::F& p, typename M::F g, typ
   s[0] = M::add(M::mul(M::set1(r.beta1), s[0]), M::mul(M::set1(r.omb1), g));
   s[1] = M::add(M::mul(M::set1(r.beta3), s[1]), M::mul(M::set1(r.omb3), g));
   s[2] = M::add(M::mul(M::set1(r.beta2), s[2]), M::mul(M::set1(r.omb2), M::mul(g, g)));
-  const typename M::F denom = M::add(M::div(M::sqrt(s[2]), M::set1(r.bc2)), M::set1(r.eps));
-  *u = M::div(M::add(M::div(s[0], M::set1(r.bc1)), M::mul(M::set1(r.alpha), s[1])), denom);
+  const typename M::F denom = M::add(M::mul(M::sqrt(s[2]), M::set1(r.inv_bc2)), M::set1(r.eps));
+  *u = M::div(M::add(M::mul(s[0], M::set1(r.inv_bc1)), M::mul(M::set1(r.alpha), s[1])), denom);
 }
 
 template <class M>

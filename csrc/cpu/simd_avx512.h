@@ -91,8 +91,14 @@ struct Ops {
                                               _mm512_set1_epi32(-1));
     return _mm512_srli_epi32(key, 16);
   }
-  static I gather_u8(const uint8_t* table, I idx) {
-    return _mm512_and_si512(_mm512_i32gather_epi32(idx, table, 1), _mm512_set1_epi32(0xff));
+  // 64-bit table entries (low word, high word) at 16 indices -> the low words as ints, the high as floats.
+  static void gather_bins(const uint64_t* table, I idx, I* low, F* high) {
+    const __m512i a = _mm512_i32gather_epi64(_mm512_castsi512_si256(idx), table, 8);
+    const __m512i b = _mm512_i32gather_epi64(_mm512_extracti64x4_epi64(idx, 1), table, 8);
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    *low = _mm512_permutex2var_epi32(a, even, b);
+    *high = _mm512_castsi512_ps(_mm512_permutex2var_epi32(a, odd, b));
   }
   static F gather(const float* table, I idx) { return _mm512_i32gather_ps(idx, table, 4); }
 

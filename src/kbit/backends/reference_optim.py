@@ -77,7 +77,7 @@ def _adam_rule(beta1, beta2, eps, decay, bc2):
         p = p * f32(decay)
         s[0] = s[0] * f32(beta1) + g * f32(1.0 - beta1)
         s[1] = s[1] * f32(beta2) + (g * g) * f32(1.0 - beta2)
-        return p, s[0] / (_sqrt(s[1]) / f32(bc2) + f32(eps))
+        return p, s[0] / (_sqrt(s[1]) * f32(1.0 / bc2) + f32(eps))
 
     return rule
 
@@ -88,8 +88,8 @@ def _ademamix_rule(beta1, beta2, beta3, alpha, eps, decay, bc1, bc2):
         s[0] = s[0] * f32(beta1) + g * f32(1.0 - beta1)
         s[1] = s[1] * f32(beta3) + g * f32(1.0 - beta3)
         s[2] = s[2] * f32(beta2) + (g * g) * f32(1.0 - beta2)
-        denom = _sqrt(s[2]) / f32(bc2) + f32(eps)
-        return p, (s[0] / f32(bc1) + s[1] * f32(alpha)) / denom
+        denom = _sqrt(s[2]) * f32(1.0 / bc2) + f32(eps)
+        return p, (s[0] * f32(1.0 / bc1) + s[1] * f32(alpha)) / denom
 
     return rule
 

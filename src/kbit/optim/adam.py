@@ -5,7 +5,7 @@ Update (per element, float32; t = step, bc1 = 1 - beta1^t, bc2 = sqrt(1 - beta2^
     p <- p * (1 - lr * weight_decay)
     m <- beta1 * m + (1 - beta1) * g
     v <- beta2 * v + (1 - beta2) * g^2
-    p <- p - (lr / bc1) * m / (sqrt(v) / bc2 + eps)
+    p <- p - (lr / bc1) * m / (sqrt(v) * (1 / bc2) + eps)     (1/bc2 rounded once to float32)
 
 Note: as in bitsandbytes, weight decay is always *decoupled* (AdamW-style), also for ``Adam``;
 ``kbit.optim.Adam(weight_decay=x)`` equals ``torch.optim.AdamW(weight_decay=x)``, not torch's ``Adam``

@@ -1,0 +1,111 @@
+"""Optimizer step time on N fp32 tensors, as a ratio to torch.optim.AdamW(fused=True) in the same run
+(speedup: higher is better), plus the state bytes per parameter and the transient memory of a step.
+
+    python benchmarks/bench_optim.py                     # 12 tensors of 2048x2048 (~50M params)
+    python benchmarks/bench_optim.py --params 1e6 4e8    # the same table at other sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import format_table, median_seconds  # noqa: E402
+
+import kbit  # noqa: E402
+
+
+def peak_rss_reset() -> None:
+    """Reset the kernel's peak-RSS counter of this process to the current RSS (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def make_params(total: float, count: int) -> list[torch.nn.Parameter]:
+    side = max(1, int(math.sqrt(total / count)))
+    gen = torch.Generator().manual_seed(0)
+    params = []
+    for _ in range(count):
+        p = torch.nn.Parameter(torch.randn(side, side, generator=gen) * 0.02)
+        p.grad = torch.randn(side, side, generator=gen) * 1e-3
+        params.append(p)
+    return params
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    total = 0
+    for st in opt.state.values():
+        seen = set()
+        for v in st.values():
+            if isinstance(v, torch.Tensor) and v.data_ptr() not in seen:
+                seen.add(v.data_ptr())
+                total += v.numel() * v.element_size()
+    return total
+
+
+CASES = [
+    ("torch AdamW (fused)", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), None),
+    ("kbit AdamW 32-bit", lambda ps: kbit.optim.AdamW(ps, lr=1e-3), 1.0),
+    ("kbit AdamW8bit", lambda ps: kbit.optim.AdamW8bit(ps, lr=1e-3), 1.0),
+    ("kbit Lion8bit", lambda ps: kbit.optim.Lion8bit(ps, lr=1e-4), 1.3),
+    ("kbit Lion 32-bit", lambda ps: kbit.optim.Lion(ps, lr=1e-4), None),
+    ("kbit SGD8bit (momentum)", lambda ps: kbit.optim.SGD8bit(ps, lr=1e-3, momentum=0.9), None),
+]
+
+
+def bench(total: float, count: int, repeats: int) -> list[list[str]]:
+    params = make_params(total, count)
+    n = sum(p.numel() for p in params)
+    rows = []
+    base = None
+    for name, make, target in CASES:
+        opt = make(params)
+        opt.step()  # creates the state
+        peak_rss_reset()
+        before = rss_kib("VmRSS")
+        opt.step()
+        transient = (rss_kib("VmHWM") - before) * 1024 / n
+        seconds = median_seconds(opt.step, repeats=repeats, warmup=1)
+        base = base or seconds
+        rows.append([
+            f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K", name, f"{seconds * 1e3:.1f}",
+            f"{base / seconds:.2f}x", f">= {target}x" if target else "-", f"{state_bytes(opt) / n:.2f}",
+            f"{max(transient, 0.0):.3f}",
+        ])
+        del opt
+        gc.collect()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=float, nargs="*", default=[12 * 2048 * 2048],
+                        help="total parameter counts to measure (default: 12 x 2048 x 2048)")
+    parser.add_argument("--tensors", type=int, default=12, help="number of equal square tensors (default 12)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps per case; the median is reported")
+    args = parser.parse_args()
+    rows = []
+    for total in args.params:
+        rows += bench(total, args.tensors, args.repeats)
+    print(f"kbit {kbit.__version__}, torch {torch.__version__}, CPU level {kbit.get_cpu_capability()}, "
+          f"{torch.get_num_threads()} threads; speedup = torch fused AdamW step time / this step time")
+    print(format_table(["params", "optimizer", "step ms", "speedup vs torch AdamW", "target", "state B/param",
+                        "transient B/param"], rows))
+
+
+if __name__ == "__main__":
+    main()
