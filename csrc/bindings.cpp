@@ -205,6 +205,7 @@ nb::dict format_tables() {
 }  // namespace
 
 void register_optim_bindings(nb::module_& m);  // optim_bindings.cpp
+void register_gemv_bindings(nb::module_& m);   // gemv_bindings.cpp
 
 }  // namespace kbit
 
@@ -224,4 +225,5 @@ NB_MODULE(_C, m) {
   m.def("set_capability", &set_capability, "name"_a, "Use a (lower) kernel level; ValueError if unsupported.");
   m.def("format_tables", &format_tables, "The code tables and layout constants of csrc/formats.h.");
   register_optim_bindings(m);
+  register_gemv_bindings(m);
 }

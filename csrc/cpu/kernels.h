@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "gemv_4bit.h"
 #include "optim_call.h"
 #include "scalar_ops.h"
 
@@ -56,6 +57,9 @@ struct KernelTable {
   void (*optim_momentum)(const OptimCall<MomentumRule>& call, int threads);
   void (*optim_rmsprop)(const OptimCall<RMSpropRule>& call, int threads);
   void (*optim_adagrad)(const OptimCall<AdagradRule>& call, int threads);
+
+  // out[m][n] = sum_k x[m][k] * W[n][k] for a 4-bit W and at most kGemvMaxRows rows (gemv_4bit.h).
+  void (*gemv_4bit)(const Gemv4bitArgs& args, int threads);
 };
 
 // One table per ISA level; each is defined in its own translation unit, compiled with only that
@@ -73,6 +77,7 @@ extern const KernelTable kAvx512Kernels;
         NS::dequantize_4bit<float>, NS::dequantize_4bit<bf16_t>, NS::dequantize_4bit<f16_t>,                 \
         NS::optim_entry<AdamRule>, NS::optim_entry<AdEMAMixRule>, NS::optim_entry<LionRule>,                 \
         NS::optim_entry<MomentumRule>, NS::optim_entry<RMSpropRule>, NS::optim_entry<AdagradRule>,           \
+        NS::gemv_4bit,                                                                                       \
   }
 
 }  // namespace kbit

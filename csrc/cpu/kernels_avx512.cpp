@@ -3,6 +3,7 @@
 #include <limits>
 
 #include "code_lut.h"
+#include "gemv4_common.h"
 #include "kernels.h"
 #include "optim_driver.h"
 #include "parallel.h"
@@ -13,6 +14,7 @@ namespace avx512 {
 #include "blockwise-inl.h"
 #include "fourbit-inl.h"
 #include "optim-inl.h"
+#include "gemv4-inl.h"
 
 // One fused optimizer call at this level, for the call's parameter dtype.
 template <class Rule>

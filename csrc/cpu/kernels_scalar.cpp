@@ -2,10 +2,12 @@
 // ISA flags. The SIMD units must produce exactly these bytes (tests/test_native_levels.py), and these in
 // turn equal kbit/backends/reference.py.
 #include "code_lut.h"
+#include "gemv4_common.h"
 #include "kernels.h"
 #include "optim_driver.h"
 #include "parallel.h"
 
+#include <algorithm>
 #include <vector>
 
 namespace kbit {
@@ -169,6 +171,37 @@ struct OptimBlocks {
     }
   }
 };
+
+
+// ---- 4-bit gemv: the reference twin of gemv4-inl.h, lane by lane (Note [4-bit gemv order]) ----
+void gemv_4bit_rows(const Gemv4bitArgs& a, int64_t n0, int64_t n1) {
+  const float* tab = table_4bit(a.qt);
+  const int64_t K = a.k_in, bs = a.blocksize, M = a.rows;
+  std::vector<float> ph(size_t(M) * 16), pl(size_t(M) * 16), s(size_t(M) * 16), y(size_t(M) * 16);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t row = n * K, fend = row + K;
+    std::fill(y.begin(), y.end(), 0.0f);
+    for (int64_t f = row; f < fend;) {
+      const int64_t b = f / bs;
+      const int64_t bend = (b + 1) * bs < fend ? (b + 1) * bs : fend;
+      std::fill(s.begin(), s.end(), 0.0f);
+      while (f < bend) {
+        const int64_t next = ((f >> 5) + 1) << 5;
+        const int64_t stop = next < bend ? next : bend;
+        partial_chunk_products(a, tab, n, f, stop, ph.data(), pl.data());  // a whole chunk is a full "partial" one
+        for (size_t l = 0; l < s.size(); ++l) s[l] = s[l] + (ph[l] + pl[l]);
+        f = stop;
+      }
+      const float am = block_absmax_of(a, b);
+      for (size_t l = 0; l < y.size(); ++l) y[l] = std::fma(s[l], am, y[l]);
+    }
+    for (int64_t m = 0; m < M; ++m) a.out[m * a.n_out + n] = sum_lanes16(y.data() + m * 16);
+  }
+}
+
+void gemv_4bit(const Gemv4bitArgs& a, int threads) {
+  parallel_for_blocks(a.n_out, a.k_in * a.rows, threads, [&](int64_t n0, int64_t n1) { gemv_4bit_rows(a, n0, n1); });
+}
 
 template <class Rule>
 void optim_entry(const OptimCall<Rule>& call, int threads) {

@@ -142,6 +142,29 @@ struct Ops {
   }
   static I lookup_grid(const TGrid& t, I idx) { return lookup16_i(t, idx); }
 
+  // ---- 16 float32 lanes for the 4-bit gemv (Note [4-bit gemv order]): two registers ----
+  struct L16 {
+    __m256 a, b;
+  };
+  static L16 l16_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+  static L16 l16_loadu(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+  static void l16_store(float* p, L16 v) {
+    _mm256_storeu_ps(p, v.a);
+    _mm256_storeu_ps(p + 8, v.b);
+  }
+  static L16 l16_add(L16 x, L16 y) { return {_mm256_add_ps(x.a, y.a), _mm256_add_ps(x.b, y.b)}; }
+  static L16 l16_mul(L16 x, L16 y) { return {_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
+  static L16 l16_scale_fma(L16 acc, float s, L16 y) {
+    const __m256 v = _mm256_set1_ps(s);
+    return {_mm256_fmadd_ps(acc.a, v, y.a), _mm256_fmadd_ps(acc.b, v, y.b)};
+  }
+  static void l16_decode(const uint8_t* p, T16 table, L16* hi, L16* lo) {
+    const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+    *hi = {lookup16(table, _mm256_srli_epi32(b0, 4)), lookup16(table, _mm256_srli_epi32(b1, 4))};
+    *lo = {lookup16(table, b0), lookup16(table, b1)};  // lookup16 reads only the index's low four bits
+  }
+
   // ---- bytes ----
   static I load_u8(const uint8_t* p) {
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));

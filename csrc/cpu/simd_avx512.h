@@ -123,6 +123,21 @@ struct Ops {
   }
   static I lookup_grid(const TGrid& t, I idx) { return _mm512_permutex2var_epi32(t.lo, idx, t.hi); }
 
+  // ---- 16 float32 lanes for the 4-bit gemv (Note [4-bit gemv order]) ----
+  using L16 = __m512;
+  static L16 l16_zero() { return _mm512_setzero_ps(); }
+  static L16 l16_loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static void l16_store(float* p, L16 v) { _mm512_storeu_ps(p, v); }
+  static L16 l16_add(L16 a, L16 b) { return _mm512_add_ps(a, b); }
+  static L16 l16_mul(L16 a, L16 b) { return _mm512_mul_ps(a, b); }
+  static L16 l16_scale_fma(L16 acc, float s, L16 y) { return _mm512_fmadd_ps(acc, _mm512_set1_ps(s), y); }
+  // 16 packed bytes -> the table values of their high nibbles (lane j: element 2j) and low nibbles.
+  static void l16_decode(const uint8_t* p, T16 table, L16* hi, L16* lo) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+    *lo = _mm512_permutexvar_ps(b, table);  // vpermps reads only the index's low four bits
+  }
+
   // ---- bytes ----
   static I load_u8(const uint8_t* p) {
     return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
