@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from . import _checks
+from .formats import NESTED_BLOCKSIZE_4BIT as NESTED_BLOCKSIZE
 
 LIBRARY = "kbit"
 
@@ -35,6 +36,13 @@ _SCHEMAS = {
     ),
     "dequantize_4bit.out": (
         "(Tensor A, Tensor absmax, int blocksize, str quant_type, int[] shape, ScalarType dtype, *, Tensor(a!) out) -> ()"
+    ),
+    # y = A @ dequantize(B).T (+ bias), B the packed [N, K] weight; with absmax_8bit the scales are double-
+    # quantized: absmax_8bit codes of absmax_code with `absmax` the nested scales (blocks of 256), plus the
+    # 0-dim absmax_offset. bitsandbytes' schema.
+    "gemm_4bit": (
+        "(Tensor A, Tensor B, int[] shapeB, Tensor absmax, int blocksize, str quant_type, Tensor? bias=None, "
+        "Tensor? absmax_8bit=None, Tensor? absmax_code=None, Tensor? absmax_offset=None) -> Tensor"
     ),
 }
 
@@ -111,6 +119,35 @@ def check_out(out: torch.Tensor, shape: Sequence[int], dtype: torch.dtype, devic
         )
 
 
+def check_gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code, absmax_offset) -> None:
+    _checks.float_input(A, "A")
+    if len(shapeB) != 2:
+        raise ValueError(f"shapeB must be [N, K] (out_features, in_features), got {list(shapeB)}")
+    N, K = shapeB
+    if A.dim() == 0 or A.shape[-1] != K:
+        raise ValueError(
+            f"input has {A.shape[-1] if A.dim() else 0} features but the 4-bit weight expects {K} (weight shape {[N, K]})"
+        )
+    _checks.blocksize_4bit(blocksize)
+    _checks.quant_type(quant_type)
+    _checks.packed_4bit_for(B, N * K)
+    blocks = num_blocks(N * K, blocksize)
+    if absmax_8bit is not None:
+        if absmax_code is None or absmax_offset is None:
+            raise ValueError("double-quantized scales need absmax_8bit, absmax_code and absmax_offset together")
+        _checks.codes_8bit(absmax_8bit, "absmax_8bit")
+        if absmax_8bit.numel() != blocks:
+            raise ValueError(f"absmax_8bit has {absmax_8bit.numel()} codes, the weight has {blocks} blocks")
+        _checks.code_map(absmax_code, A.device)
+        _checks.absmax_for(absmax, blocks, NESTED_BLOCKSIZE, A.device, "nested absmax")
+        if absmax_offset.numel() != 1 or absmax_offset.dtype != torch.float32:
+            raise ValueError("absmax_offset must be a float32 scalar tensor")
+    else:
+        _checks.absmax_for(absmax, N * K, blocksize, A.device)
+    if bias is not None and (bias.dim() != 1 or bias.numel() != N):
+        raise ValueError(f"bias must have {N} values (out_features), got shape {tuple(bias.shape)}")
+
+
 # ---- fake kernels: shapes and dtypes only ---------------------------------------------------------
 @torch.library.register_fake(f"{LIBRARY}::quantize_blockwise")
 def _(A, code, blocksize):
@@ -147,6 +184,12 @@ def _(A, blocksize, quant_type, quant_storage):
 def _(A, absmax, blocksize, quant_type, shape, dtype):
     check_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype)
     return A.new_empty(tuple(shape), dtype=dtype)
+
+
+@torch.library.register_fake(f"{LIBRARY}::gemm_4bit")
+def _(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None, absmax_code=None, absmax_offset=None):
+    check_gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code, absmax_offset)
+    return A.new_empty((*A.shape[:-1], shapeB[0]))
 
 
 @torch.library.register_fake(f"{LIBRARY}::dequantize_4bit.out")

@@ -245,3 +245,12 @@ def dequantize_fp4(A, quant_state=None, absmax=None, out=None, blocksize=None):
 def dequantize_nf4(A, quant_state=None, absmax=None, out=None, blocksize=None):
     """:func:`dequantize_4bit` with ``quant_type="nf4"``."""
     return dequantize_4bit(A, quant_state, absmax, out, blocksize, "nf4")
+
+
+def __getattr__(name):
+    # gemv_4bit lives with the matmul code (kbit/matmul.py), which imports this module.
+    if name == "gemv_4bit":
+        from .matmul import gemv_4bit
+
+        return gemv_4bit
+    raise AttributeError(f"module 'kbit.functional' has no attribute {name!r}")

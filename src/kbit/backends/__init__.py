@@ -5,4 +5,4 @@ CUDA, MPS and XPU users run. ``cpu`` calls the native kernels and must match it 
 """
 
 from .. import _optim_ops  # noqa: F401  (optimizer op schemas)
-from . import cpu, cpu_optim, reference, reference_optim  # noqa: F401  (registration side effects)
+from . import cpu, cpu_matmul, cpu_optim, reference, reference_optim  # noqa: F401  (registration side effects)

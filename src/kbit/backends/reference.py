@@ -131,3 +131,20 @@ def dequantize_4bit_out(A, absmax, blocksize, quant_type, shape, dtype, *, out):
     _ops.check_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype)
     _ops.check_out(out, shape, dtype, A.device)
     out.copy_(_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype))
+
+
+def scales_4bit(absmax, absmax_8bit, absmax_code, absmax_offset) -> torch.Tensor:
+    """float32 per-block scales of a 4-bit weight, undoing double quantization (blocks of 256)."""
+    if absmax_8bit is None:
+        return absmax
+    return _dequantize_blockwise(absmax_8bit, absmax, absmax_code, _ops.NESTED_BLOCKSIZE, torch.float32) + absmax_offset
+
+
+@_ops.implements("gemm_4bit", _ALL_DEVICES)
+def gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None, absmax_code=None,
+              absmax_offset=None):
+    """F.linear(A, dequantize_4bit(B) in A's dtype, bias): the weight is rounded once, from float32."""
+    _ops.check_gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code, absmax_offset)
+    scales = scales_4bit(absmax, absmax_8bit, absmax_code, absmax_offset)
+    W = _dequantize_4bit(B, scales, blocksize, quant_type, list(shapeB), A.dtype)
+    return torch.nn.functional.linear(A, W, bias)
