@@ -69,6 +69,34 @@ FAMILIES = {
 EXTRA_GROUP_KEYS = ("nesterov", "lr_decay", "bias_correction", "initial_accumulator_value")
 
 
+# Rules that have no trust ratio or no skip_zeros support (their kernels do not take the setting).
+_NO_TRUST_RATIO = ("lion", "adagrad", "ademamix")
+_NO_SKIP_ZEROS = ("ademamix",)
+
+
+def check_supported(name: str, config: dict) -> None:
+    """Reject settings a rule does not implement instead of ignoring them."""
+    if config["max_unorm"] > 0.0 and name in _NO_TRUST_RATIO:
+        raise ValueError(f"max_unorm (trust-ratio clipping) is not implemented for {name}; set it to 0")
+    if config["skip_zeros"] and name in _NO_SKIP_ZEROS:
+        raise ValueError(f"skip_zeros is not implemented for {name}; set it to False")
+
+
+def translate_overrides(name: str, config: dict, overrides: dict) -> dict:
+    """Override keys that are stored inside `betas` for this rule (SGD/LARS: momentum, dampening; RMSprop:
+    alpha) are folded into betas, so the override takes effect."""
+    overrides = dict(overrides)
+    positions = {"momentum": {"momentum": 0, "dampening": 1}, "lars": {"momentum": 0, "dampening": 1},
+                 "rmsprop": {"alpha": 0}}.get(name, {})
+    if any(key in overrides for key in positions):
+        betas = list(overrides.get("betas", config["betas"]))
+        for key, index in positions.items():
+            if key in overrides:
+                betas[index] = overrides.pop(key)
+        overrides["betas"] = tuple(betas)
+    return overrides
+
+
 def check_name(name: str, states: int) -> None:
     family = FAMILIES.get(name)
     if family is None or len(family.rows) != states:

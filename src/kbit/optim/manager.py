@@ -77,7 +77,8 @@ class GlobalOptimManager:
         self._refs: dict[int, weakref.ref] = {}
         self.optimizer = None
         self.uses_config_override = False
-        self.module_weight_config_triple: list[tuple[torch.nn.Module, str, dict[str, Any]]] = []
+        # (weak reference to the module, parameter name, config): a module override must not keep the module alive.
+        self.module_weight_config_triple: list[tuple[weakref.ref, str, dict[str, Any]]] = []
 
     @classmethod
     def get_instance(cls) -> "GlobalOptimManager":
@@ -154,7 +155,8 @@ class GlobalOptimManager:
 
     def register_module_override(self, module: torch.nn.Module, param_name: str, config: Mapping[str, Any]) -> None:
         """Override the config of ``module.<param_name>`` in every optimizer (resolved at its first step)."""
-        self.module_weight_config_triple.append((module, param_name, normalize_override(config)))
+        self.module_weight_config_triple = [t for t in self.module_weight_config_triple if t[0]() is not None]
+        self.module_weight_config_triple.append((weakref.ref(module), param_name, normalize_override(config)))
 
     # -- used by kbit optimizers ----------------------------------------------------------------
     def claim_index_overrides(self, param_groups) -> dict[int, dict[str, Any]]:
@@ -173,8 +175,9 @@ class GlobalOptimManager:
         """Module overrides resolved to this optimizer's current parameters, keyed by id(param)."""
         ids = {id(p) for group in param_groups for p in group["params"]}
         out = {}
-        for module, name, config in self.module_weight_config_triple:
-            p = getattr(module, name, None)
+        for module_ref, name, config in self.module_weight_config_triple:
+            module = module_ref()
+            p = getattr(module, name, None) if module is not None else None
             if isinstance(p, torch.Tensor) and id(p) in ids:
                 out[id(p)] = config
         return out

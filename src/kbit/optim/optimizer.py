@@ -43,13 +43,15 @@ _ARGS_DEFAULTS = {
 }
 
 
-def _check_hyperparameters(lr, eps, betas, weight_decay) -> None:
+def _check_hyperparameters(lr, eps, betas, weight_decay, optimizer_name: str = "") -> None:
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps}")
     for i, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
+        # SGD/LARS carry (momentum, dampening) in betas, and a dampening of 1 is valid.
+        inclusive = i == 1 and optimizer_name in ("momentum", "lars")
+        if not (0.0 <= beta <= 1.0 if inclusive else 0.0 <= beta < 1.0):
             raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
     if not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
@@ -122,8 +124,9 @@ class Optimizer8bit(torch.optim.Optimizer):
         for key, default in _ARGS_DEFAULTS.items():
             config[key] = getattr(self.args, key, default)
         p = group["params"][pindex]
-        config.update(self._overrides.get(id(p), {}))
-        config.update(self.mng.pid2config.get(id(p), {}))
+        overrides = dict(self._overrides.get(id(p), {}))
+        overrides.update(self.mng.pid2config.get(id(p), {}))
+        config.update(families.translate_overrides(self.optimizer_name, config, overrides))
         return config
 
     # ---- state -------------------------------------------------------------------------------------
@@ -183,7 +186,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             warnings.warn(
                 "kbit: paged optimizer state is not implemented yet on this device; the state is kept in "
                 "ordinary memory (training results are identical, memory use is not reduced).",
-                stacklevel=4,
+                stacklevel=_caller_stacklevel(),
             )
             self._paged_warned = True
 
@@ -227,11 +230,18 @@ class Optimizer8bit(torch.optim.Optimizer):
     def _prepare(self, group, p, gindex, pindex):
         grad = p.grad
         _check_gradient(p, grad)
+        config = self.get_config(gindex, pindex, group)
+        families.check_supported(self.optimizer_name, config)
         state = self.state[p]
         if len(state) == 0:
             self.init_state(group, p, gindex, pindex)
-        config = self.get_config(gindex, pindex, group)
-        _check_hyperparameters(config["lr"], config["eps"], config["betas"], config["weight_decay"])
+        # Optional states may be missing from a loaded checkpoint or switched on later by an override.
+        if config["max_unorm"] > 0.0 and "unorm_vec" not in state:
+            state["unorm_vec"] = torch.zeros((1,), dtype=torch.float32, device=p.device)
+        if config["percentile_clipping"] < 100 and "gnorm_vec" not in state:
+            state["gnorm_vec"] = torch.zeros((100,), dtype=torch.float32, device=p.device)
+            state["_gnorm_fresh"] = True
+        _check_hyperparameters(config["lr"], config["eps"], config["betas"], config["weight_decay"], self.optimizer_name)
         state["step"] = int(state["step"]) + 1
         gnorm_scale = 1.0
         if config["percentile_clipping"] < 100:
@@ -262,7 +272,21 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.__dict__.setdefault("_paged_warned", False)
 
 
+def _caller_stacklevel() -> int:
+    """stacklevel that attributes a warning to the first frame outside kbit and torch (the user's code)."""
+    import os
+    import sys
+
+    skip = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _check_gradient(p: torch.Tensor, grad: torch.Tensor) -> None:
+    if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"kbit optimizers update float32, float16 or bfloat16 parameters, not {p.dtype}")
     if grad.is_sparse:
         raise RuntimeError(
             "kbit optimizers do not support sparse gradients; use dense gradients (skip_zeros=True leaves "
@@ -282,8 +306,8 @@ def _check_gradient(p: torch.Tensor, grad: torch.Tensor) -> None:
 def percentile_clipping(grad: torch.Tensor, state: dict, percentile: int) -> float:
     """Gradient scale of percentile clipping (bitsandbytes' documented algorithm).
 
-    Keeps the squared gradient norms of the last 100 steps in ``state["gnorm_vec"]`` (the first step fills
-    all 100 slots). The clip value is the square root of the ``percentile``-th smallest of them; a gradient
+    Keeps the squared gradient norms of the last 100 steps in ``state["gnorm_vec"]`` (the first step, or the
+    first after clipping was switched on, fills all 100 slots). The clip value is the square root of the ``percentile``-th smallest of them; a gradient
     whose norm exceeds it is scaled down to it. Returns the scale (1.0 if not clipped). A non-finite
     gradient norm is not recorded and returns 1.0, so one bad step cannot poison the history.
     """
@@ -294,7 +318,7 @@ def percentile_clipping(grad: torch.Tensor, state: dict, percentile: int) -> flo
     norm_sq = float(torch.linalg.vector_norm(grad, dtype=torch.float32) ** 2)
     if not math.isfinite(norm_sq):
         return 1.0
-    if step == 1:
+    if step == 1 or state.pop("_gnorm_fresh", False):  # an empty history starts full of the first norm
         gnorm_vec.fill_(norm_sq)
     else:
         gnorm_vec[step % 100] = norm_sq
@@ -346,7 +370,7 @@ class Optimizer1State(Optimizer8bit):
                  optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True,
                  max_unorm=0.0, skip_zeros=False, is_paged=False):
         betas = _parse_betas(betas)
-        _check_hyperparameters(lr, eps, betas, weight_decay)
+        _check_hyperparameters(lr, eps, betas, weight_decay, optimizer_name)
         families.check_name(optimizer_name, states=1)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, optim_bits, is_paged)

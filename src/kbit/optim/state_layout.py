@@ -30,7 +30,7 @@ def wrap(state_dict: dict) -> dict:
     out = dict(state_dict)
     out["state"] = {}
     for key, param_state in state_dict["state"].items():
-        top = {k: v for k, v in param_state.items() if k not in NON_CASTABLE_KEYS}
+        top = {k: v for k, v in param_state.items() if k not in NON_CASTABLE_KEYS and not k.startswith("_")}
         inner = {k: v for k, v in param_state.items() if k in NON_CASTABLE_KEYS}
         if inner:
             top[WRAPPED_KEY] = inner
@@ -65,7 +65,7 @@ def validate(family: families.Family, p: torch.Tensor, st: dict, where: str) -> 
     _expect(isinstance(step, (int, float)) and float(step).is_integer() and step >= 0, where,
             f"'step' must be a non-negative integer (got {step!r})")
     n = p.numel()
-    unknown = sorted(set(st) - {"step"} - set(NON_CASTABLE_KEYS))
+    unknown = sorted(set(st) - {"step"} - set(NON_CASTABLE_KEYS) - {k for k in st if k.startswith("_")})
     _expect(not unknown, where, f"unexpected keys {unknown}: not a kbit/bitsandbytes optimizer state for this optimizer")
     for j, rows in enumerate(family.rows, start=1):
         name = f"state{j}"
