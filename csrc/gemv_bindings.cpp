@@ -74,7 +74,8 @@ void gemv_4bit(const Array& x, const Array& packed, const Array& absmax, const A
   if (absmax_q.size() > 0) {
     if (absmax_q.dtype() != nb::dtype<uint8_t>() || int64_t(absmax_q.size()) != blocks) fail("nested absmax codes: wrong dtype or length");
     if (absmax_code.dtype() != nb::dtype<float>() || absmax_code.size() != 256) fail("nested absmax code map must be 256 float32");
-    if (nested_blocksize <= 0) fail("nested blocksize must be positive");
+    if (nested_blocksize <= 0 || (nested_blocksize & (nested_blocksize - 1)) != 0)
+      fail("nested blocksize must be a power of two");
     const int64_t nested_blocks = blocks / nested_blocksize + (blocks % nested_blocksize != 0);
     if (absmax_nested.dtype() != nb::dtype<float>() || int64_t(absmax_nested.size()) != nested_blocks)
       fail("nested absmax: wrong dtype or length");
@@ -82,6 +83,7 @@ void gemv_4bit(const Array& x, const Array& packed, const Array& absmax, const A
     a.absmax_code = static_cast<const float*>(absmax_code.data());
     a.absmax_nested = static_cast<const float*>(absmax_nested.data());
     a.nested_blocksize = nested_blocksize;
+    while ((int64_t(1) << a.nested_shift) < nested_blocksize) ++a.nested_shift;
     a.offset = float(offset);
   } else {
     if (absmax.dtype() != nb::dtype<float>() || int64_t(absmax.size()) != blocks) fail("absmax: wrong dtype or length");

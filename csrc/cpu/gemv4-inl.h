@@ -16,9 +16,10 @@ void gemv_4bit_rows(const Gemv4bitArgs& a, int64_t n0, int64_t n1) {
     const bool odd_row = (row & 1) != 0;
     L16 y[M];
     for (int m = 0; m < M; ++m) y[m] = Ops::l16_zero();
-    for (int64_t f = row; f < fend;) {
-      const int64_t b = f / bs;
-      const int64_t bend = (b + 1) * bs < fend ? (b + 1) * bs : fend;
+    // Blocks are walked incrementally: an integer division per block costs as much as decoding it.
+    int64_t b = row / bs, block_end = (b + 1) * bs;
+    for (int64_t f = row; f < fend; ++b, block_end += bs) {
+      const int64_t bend = block_end < fend ? block_end : fend;
       L16 s[M];
       for (int m = 0; m < M; ++m) s[m] = Ops::l16_zero();
       while (f < bend) {

@@ -13,7 +13,7 @@ namespace {  // Note [one definition per ISA]
 // Scale of block b (double quantization decoded on the fly: one byte and a multiply per block).
 inline float block_absmax_of(const Gemv4bitArgs& a, int64_t b) {
   if (a.absmax != nullptr) return a.absmax[b];
-  return a.absmax_code[a.absmax_q[b]] * a.absmax_nested[b / a.nested_blocksize] + a.offset;
+  return a.absmax_code[a.absmax_q[b]] * a.absmax_nested[b >> a.nested_shift] + a.offset;
 }
 
 inline float nibble_value(const uint8_t* packed, int64_t f, const float* table) {

@@ -33,7 +33,8 @@ struct Gemv4bitArgs {
   const uint8_t* absmax_q;
   const float* absmax_code;
   const float* absmax_nested;
-  int64_t nested_blocksize;
+  int64_t nested_blocksize;  // a power of two (256): block b's nested scale is absmax_nested[b >> nested_shift]
+  int nested_shift;
   float offset;
   int64_t rows;            // M
   const float* x_even;     // [M][x_stride]: x[m][2j]

@@ -181,9 +181,9 @@ void gemv_4bit_rows(const Gemv4bitArgs& a, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t row = n * K, fend = row + K;
     std::fill(y.begin(), y.end(), 0.0f);
-    for (int64_t f = row; f < fend;) {
-      const int64_t b = f / bs;
-      const int64_t bend = (b + 1) * bs < fend ? (b + 1) * bs : fend;
+    int64_t b = row / bs, block_end = (b + 1) * bs;
+    for (int64_t f = row; f < fend; ++b, block_end += bs) {
+      const int64_t bend = block_end < fend ? block_end : fend;
       std::fill(s.begin(), s.end(), 0.0f);
       while (f < bend) {
         const int64_t next = ((f >> 5) + 1) << 5;

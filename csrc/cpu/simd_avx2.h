@@ -165,6 +165,8 @@ struct Ops {
     *lo = {lookup16(table, b0), lookup16(table, b1)};  // lookup16 reads only the index's low four bits
   }
 
+  static constexpr bool kHasWordLookup = false;  // no cross-lane 16-bit permute in AVX2
+
   // ---- bytes ----
   static I load_u8(const uint8_t* p) {
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));

@@ -138,6 +138,25 @@ struct Ops {
     *lo = _mm512_permutexvar_ps(b, table);  // vpermps reads only the index's low four bits
   }
 
+  // ---- 16-bit table lookups (dequantizing 4-bit codes straight to bf16 / fp16) ----
+  static constexpr bool kHasWordLookup = true;
+  using W16 = __m512i;  // a 16-entry table of 16-bit values, duplicated to 32 entries
+  // The 16 values v * scale, rounded to T (Note [bf16 rounding]) as a lookup table.
+  template <class T>
+  static W16 word_table(F values, float scale) {
+    alignas(32) T t[16];
+    store(t, _mm512_mul_ps(values, _mm512_set1_ps(scale)));
+    return _mm512_broadcast_i64x4(_mm256_load_si256(reinterpret_cast<const __m256i*>(t)));
+  }
+  // 16 packed bytes (32 codes, Note [nibble order]) -> their 32 table entries, stored in element order.
+  static void store_words(void* out, const uint8_t* p, W16 table) {
+    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    // Word j = high nibble | low nibble << 8: as bytes, the codes in element order.
+    const __m256i pairs = _mm256_or_si256(_mm256_srli_epi16(w, 4), _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x0f)), 8));
+    const __m512i idx = _mm512_cvtepu8_epi16(pairs);
+    _mm512_storeu_si512(out, _mm512_permutexvar_epi16(idx, table));
+  }
+
   // ---- bytes ----
   static I load_u8(const uint8_t* p) {
     return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
