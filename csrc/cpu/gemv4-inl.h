@@ -3,48 +3,136 @@
 // order]: each 16-byte chunk is decoded with two table permutes (the permute reads only the low four
 // bits of an index, so the low nibble needs no mask) and its products summed in registers.
 
+// One chunk's lane sums for M rows, Note [4-bit gemv order]: the first chunk of a segment starts
+// s = fma(hi, x_hi, lo * x_lo); later ones do s = fma(lo, x_lo, fma(hi, x_hi, s)).
+template <int M, bool First>
+inline void chunk_accumulate_vec(typename Ops::L16 vh, typename Ops::L16 vl, const float* xh, const float* xl,
+                                 int64_t x_stride, typename Ops::L16* s) {
+  for (int m = 0; m < M; ++m) {
+    const typename Ops::L16 xhm = Ops::l16_loadu(xh + m * x_stride), xlm = Ops::l16_loadu(xl + m * x_stride);
+    s[m] = First ? Ops::l16_fma(vh, xhm, Ops::l16_mul(vl, xlm)) : Ops::l16_fma(vl, xlm, Ops::l16_fma(vh, xhm, s[m]));
+  }
+}
+
+template <int M, bool First>
+inline void chunk_sums(const Gemv4bitArgs& a, const uint8_t* bytes, typename Ops::T16 table, const float* xh,
+                       const float* xl, typename Ops::L16* s) {
+  typename Ops::L16 vh, vl;
+  Ops::l16_decode(bytes, table, &vh, &vl);
+  chunk_accumulate_vec<M, First>(vh, vl, xh, xl, a.x_stride, s);
+}
+
+// A row made of whole, chunk-aligned blocks of `CPB` chunks (0: a.blocksize / 32 at run time): the common
+// case (K a multiple of the block size), with no per-chunk bookkeeping.
+template <int M, int CPB>
+void gemv_row_aligned(const Gemv4bitArgs& a, typename Ops::T16 table, int64_t n, const float* xh, const float* xl,
+                      typename Ops::L16* y) {
+  const int64_t cpb = CPB ? CPB : a.blocksize / 32;
+  const int64_t nblocks = a.k_in / a.blocksize;
+  const uint8_t* bytes = a.packed + ((n * a.k_in) >> 1);
+  int64_t b = n * nblocks;
+  for (int64_t i = 0; i < nblocks; ++i, ++b) {
+    typename Ops::L16 s[M];
+    chunk_sums<M, true>(a, bytes, table, xh, xl, s);
+    bytes += 16, xh += 16, xl += 16;
+    for (int64_t c = 1; c < cpb; ++c, bytes += 16, xh += 16, xl += 16) chunk_sums<M, false>(a, bytes, table, xh, xl, s);
+    const float am = block_absmax_of(a, b);
+    for (int m = 0; m < M; ++m) y[m] = Ops::l16_scale_fma(s[m], am, y[m]);
+  }
+}
+
+// A chunk cut by a row boundary, elements [f, stop) of the 32-aligned chunk c: the whole chunk is decoded
+// and the lanes outside [f, stop) are zeroed (weights and inputs, which masked loads never read), giving
+// exactly the operands chunk_operands() builds element by element.
+template <int M>
+inline void partial_chunk_vec(const Gemv4bitArgs& a, typename Ops::T16 table, int64_t row, int64_t f, int64_t stop,
+                              bool first, typename Ops::L16* s) {
+  const int64_t c = f & ~int64_t(31);
+  const int64_t k0 = c - row;  // may be negative: lanes before the row are masked out
+  // High lane j holds element c + 2j, low lane j element c + 2j + 1.
+  const auto hi = Ops::l16_lanes(int((f - c + 1) >> 1), int((stop - c + 1) >> 1));
+  const auto lo = Ops::l16_lanes(int((f - c) >> 1), int((stop - c) >> 1));
+  typename Ops::L16 vh, vl;
+  Ops::l16_decode(a.packed + (c >> 1), table, &vh, &vl);
+  vh = Ops::l16_maskz(vh, hi);
+  vl = Ops::l16_maskz(vl, lo);
+  const bool odd = (k0 & 1) != 0;
+  const float* xh = odd ? a.x_odd + ((k0 - 1) >> 1) : a.x_even + (k0 >> 1);
+  const float* xl = odd ? a.x_even + ((k0 + 1) >> 1) : a.x_odd + (k0 >> 1);
+  for (int m = 0; m < M; ++m) {
+    const typename Ops::L16 xhm = Ops::l16_maskz_loadu(xh + m * a.x_stride, hi);
+    const typename Ops::L16 xlm = Ops::l16_maskz_loadu(xl + m * a.x_stride, lo);
+    s[m] = first ? Ops::l16_fma(vh, xhm, Ops::l16_mul(vl, xlm)) : Ops::l16_fma(vl, xlm, Ops::l16_fma(vh, xhm, s[m]));
+  }
+}
+
+// A cut chunk, vectorized unless its 16 bytes would run past the packed data (the tensor's last chunk).
+template <int M>
+inline void partial_any(const Gemv4bitArgs& a, typename Ops::T16 table, const float* tab, int64_t n, int64_t row,
+                        int64_t f, int64_t stop, int64_t nbytes, bool first, typename Ops::L16* s, float* wh, float* wl,
+                        float* xh_part, float* xl_part) {
+  if (((f & ~int64_t(31)) >> 1) + 16 <= nbytes) {
+    partial_chunk_vec<M>(a, table, row, f, stop, first, s);
+    return;
+  }
+  chunk_operands(a, tab, n, f, stop, wh, wl, xh_part, xl_part);
+  if (first) chunk_accumulate_vec<M, true>(Ops::l16_loadu(wh), Ops::l16_loadu(wl), xh_part, xl_part, 16, s);
+  else chunk_accumulate_vec<M, false>(Ops::l16_loadu(wh), Ops::l16_loadu(wl), xh_part, xl_part, 16, s);
+}
+
 template <int M>
 void gemv_4bit_rows(const Gemv4bitArgs& a, int64_t n0, int64_t n1) {
   using L16 = typename Ops::L16;
   const float* tab = table_4bit(a.qt);
   const typename Ops::T16 table = Ops::table16(tab);
   const int64_t K = a.k_in, bs = a.blocksize;
-  alignas(64) float ph[M * 16], pl[M * 16], lanes[16];
+  alignas(64) float wh[16], wl[16], xh_part[M * 16], xl_part[M * 16], lanes[16];
+  // Every row is made of whole, chunk-aligned blocks when K is a multiple of both (the common case).
+  const bool aligned = K % bs == 0 && K % 32 == 0;
+  const int64_t nbytes = (a.n_out * K + 1) / 2;
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t row = n * K, fend = row + K;
     // High nibbles sit at even flat indices: x[k] for k of the row's parity, from the matching copy.
     const bool odd_row = (row & 1) != 0;
     L16 y[M];
     for (int m = 0; m < M; ++m) y[m] = Ops::l16_zero();
-    // Blocks are walked incrementally: an integer division per block costs as much as decoding it.
-    int64_t b = row / bs, block_end = (b + 1) * bs;
-    for (int64_t f = row; f < fend; ++b, block_end += bs) {
-      const int64_t bend = block_end < fend ? block_end : fend;
-      L16 s[M];
-      for (int m = 0; m < M; ++m) s[m] = Ops::l16_zero();
-      while (f < bend) {
-        if ((f & 31) == 0 && f + 32 <= bend) {
+    if (aligned) {
+      if (bs == 64) gemv_row_aligned<M, 2>(a, table, n, a.x_even, a.x_odd, y);
+      else gemv_row_aligned<M, 0>(a, table, n, a.x_even, a.x_odd, y);
+    } else {
+      // Blocks are walked incrementally: an integer division per block costs as much as decoding it.
+      int64_t b = row / bs, block_end = (b + 1) * bs;
+      for (int64_t f = row; f < fend; ++b, block_end += bs) {
+        const int64_t bend = block_end < fend ? block_end : fend;
+        L16 s[M];
+        bool first = true;
+        // Head: a chunk cut by the row start (blocks begin on chunk boundaries).
+        if ((f & 31) != 0) {
+          const int64_t stop = ((f >> 5) + 1) << 5 < bend ? ((f >> 5) + 1) << 5 : bend;
+          partial_any<M>(a, table, tab, n, row, f, stop, nbytes, first, s, wh, wl, xh_part, xl_part);
+          f = stop;
+          first = false;
+        }
+        // Whole chunks, in a tight loop.
+        if (f + 32 <= bend) {
           const int64_t k0 = f - row;  // same parity as the row start, since f is even
           const float* xh = odd_row ? a.x_odd + ((k0 - 1) >> 1) : a.x_even + (k0 >> 1);
           const float* xl = odd_row ? a.x_even + ((k0 + 1) >> 1) : a.x_odd + (k0 >> 1);
-          for (; f + 32 <= bend; f += 32, xh += 16, xl += 16) {
-            L16 vh, vl;
-            Ops::l16_decode(a.packed + (f >> 1), table, &vh, &vl);
-            for (int m = 0; m < M; ++m)
-              s[m] = Ops::l16_add(s[m], Ops::l16_add(Ops::l16_mul(vh, Ops::l16_loadu(xh + m * a.x_stride)),
-                                                     Ops::l16_mul(vl, Ops::l16_loadu(xl + m * a.x_stride))));
+          if (first) {
+            chunk_sums<M, true>(a, a.packed + (f >> 1), table, xh, xl, s);
+            f += 32, xh += 16, xl += 16;
+            first = false;
           }
-        } else {
-          const int64_t next = ((f >> 5) + 1) << 5;
-          const int64_t stop = next < bend ? next : bend;
-          partial_chunk_products(a, tab, n, f, stop, ph, pl);
-          for (int m = 0; m < M; ++m)
-            s[m] = Ops::l16_add(s[m], Ops::l16_add(Ops::l16_loadu(ph + m * 16), Ops::l16_loadu(pl + m * 16)));
-          f = stop;
+          for (; f + 32 <= bend; f += 32, xh += 16, xl += 16) chunk_sums<M, false>(a, a.packed + (f >> 1), table, xh, xl, s);
         }
+        // Tail: a chunk cut by the row end.
+        if (f < bend) {
+          partial_any<M>(a, table, tab, n, row, f, bend, nbytes, first, s, wh, wl, xh_part, xl_part);
+          f = bend;
+        }
+        const float am = block_absmax_of(a, b);
+        for (int m = 0; m < M; ++m) y[m] = Ops::l16_scale_fma(s[m], am, y[m]);
       }
-      const float am = block_absmax_of(a, b);
-      for (int m = 0; m < M; ++m) y[m] = Ops::l16_scale_fma(s[m], am, y[m]);
     }
     for (int m = 0; m < M; ++m) {
       Ops::l16_store(lanes, y[m]);

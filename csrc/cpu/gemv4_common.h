@@ -35,17 +35,29 @@ inline float sum_lanes16(const float* lanes) {
   return s[0];
 }
 
-// Products of the elements [f, stop) of a chunk cut by a row boundary (row n): high-nibble products
-// into ph[m][lane], low-nibble ones into pl[m][lane], 0 for absent elements (Note [4-bit gemv order]).
-inline void partial_chunk_products(const Gemv4bitArgs& a, const float* table, int64_t n, int64_t f, int64_t stop,
-                                   float* ph, float* pl) {
-  for (int64_t i = 0; i < a.rows * 16; ++i) ph[i] = pl[i] = 0.0f;
+// Weights and inputs of the elements [f, stop) of chunk-sized piece of row n, laid out as a whole chunk's
+// lanes: high-nibble weights in wh[lane], low in wl[lane], inputs in xh[m][lane] / xl[m][lane], and 0 for
+// absent elements (Note [4-bit gemv order]). A whole chunk is the special case with every element present.
+inline void chunk_operands(const Gemv4bitArgs& a, const float* table, int64_t n, int64_t f, int64_t stop, float* wh,
+                           float* wl, float* xh, float* xl) {
+  for (int l = 0; l < 16; ++l) wh[l] = wl[l] = 0.0f;
+  for (int64_t i = 0; i < a.rows * 16; ++i) xh[i] = xl[i] = 0.0f;
   for (; f < stop; ++f) {
     const float w = nibble_value(a.packed, f, table);
     const int64_t k = f - n * a.k_in;
     const int lane = int((f & 31) >> 1);
-    float* dst = (f & 1) ? pl : ph;
-    for (int64_t m = 0; m < a.rows; ++m) dst[m * 16 + lane] = w * x_at(a, m, k);
+    ((f & 1) ? wl : wh)[lane] = w;
+    float* x = (f & 1) ? xl : xh;
+    for (int64_t m = 0; m < a.rows; ++m) x[m * 16 + lane] = x_at(a, m, k);
+  }
+}
+
+// Lane sums of one chunk into s (Note [4-bit gemv order]), element by element: the reference twin.
+inline void chunk_accumulate(bool first, const float* wh, const float* wl, const float* xh, const float* xl, float* s) {
+  for (int l = 0; l < 16; ++l) {
+    float acc = first ? wl[l] * xl[l] : std::fma(wl[l], xl[l], std::fma(wh[l], xh[l], s[l]));
+    if (first) acc = std::fma(wh[l], xh[l], acc);
+    s[l] = acc;
   }
 }
 

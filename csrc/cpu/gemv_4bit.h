@@ -5,12 +5,14 @@
 // The weight is walked as the flat stream of its row-major elements in chunks of 32 (16 bytes) aligned to
 // flat multiples of 32, so a chunk never straddles a quantization block (block sizes are multiples of 32).
 // A row is split into segments, the part of one block inside the row. In a segment, lane j of 16 float32
-// lanes sums, chunk by chunk in order, s_j <- s_j + (w(c+2j) x + w(c+2j+1) x) (high-nibble product plus
-// low-nibble product, then added to the running sum; s starts at +0). A chunk cut by a row boundary (only
-// when K % 32 != 0) contributes its present elements and 0 for the others. At the segment's end the lanes
+// lanes accumulates with fused multiply-adds, chunk by chunk in order: the segment's first chunk starts
+// s_j = w(c+2j+1) x (its low nibble), then s_j = fma(w(c+2j), x, s_j) (high nibble); every later chunk does
+// s_j = fma(high, x, s_j), s_j = fma(low, x, s_j). A chunk cut by a row boundary (only when K % 32 != 0)
+// contributes its present elements and 0 for the others. At the segment's end the lanes
 // are scaled by the block's absmax into the row's lanes, y_j <- fma(s_j, absmax, y_j), and at the row's end
-// y is summed by the fixed tree l + 8, l + 4, l + 2, l + 1. The products of a chunk are independent, so the
-// vector code is not a chain of dependent multiply-adds, and every ISA level gives identical bits.
+// y is summed by the fixed tree l + 8, l + 4, l + 2, l + 1. Segments are independent of each other (only the
+// row's y chains through them), which keeps the vector code out of one long dependency chain, and every
+// ISA level gives identical bits.
 #pragma once
 
 #include <cstdint>

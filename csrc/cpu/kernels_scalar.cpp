@@ -177,19 +177,19 @@ struct OptimBlocks {
 void gemv_4bit_rows(const Gemv4bitArgs& a, int64_t n0, int64_t n1) {
   const float* tab = table_4bit(a.qt);
   const int64_t K = a.k_in, bs = a.blocksize, M = a.rows;
-  std::vector<float> ph(size_t(M) * 16), pl(size_t(M) * 16), s(size_t(M) * 16), y(size_t(M) * 16);
+  std::vector<float> wh(16), wl(16), xh(size_t(M) * 16), xl(size_t(M) * 16), s(size_t(M) * 16), y(size_t(M) * 16);
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t row = n * K, fend = row + K;
     std::fill(y.begin(), y.end(), 0.0f);
     int64_t b = row / bs, block_end = (b + 1) * bs;
     for (int64_t f = row; f < fend; ++b, block_end += bs) {
       const int64_t bend = block_end < fend ? block_end : fend;
-      std::fill(s.begin(), s.end(), 0.0f);
-      while (f < bend) {
+      for (bool first = true; f < bend; first = false) {
         const int64_t next = ((f >> 5) + 1) << 5;
         const int64_t stop = next < bend ? next : bend;
-        partial_chunk_products(a, tab, n, f, stop, ph.data(), pl.data());  // a whole chunk is a full "partial" one
-        for (size_t l = 0; l < s.size(); ++l) s[l] = s[l] + (ph[l] + pl[l]);
+        chunk_operands(a, tab, n, f, stop, wh.data(), wl.data(), xh.data(), xl.data());
+        for (int64_t m = 0; m < M; ++m)
+          chunk_accumulate(first, wh.data(), wl.data(), xh.data() + m * 16, xl.data() + m * 16, s.data() + m * 16);
         f = stop;
       }
       const float am = block_absmax_of(a, b);

@@ -154,6 +154,21 @@ struct Ops {
   }
   static L16 l16_add(L16 x, L16 y) { return {_mm256_add_ps(x.a, y.a), _mm256_add_ps(x.b, y.b)}; }
   static L16 l16_mul(L16 x, L16 y) { return {_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
+  static L16 l16_fma(L16 x, L16 y, L16 acc) { return {_mm256_fmadd_ps(x.a, y.a, acc.a), _mm256_fmadd_ps(x.b, y.b, acc.b)}; }
+  struct LM {
+    __m256i a, b;
+  };
+  static LM l16_lanes(int lo, int hi) {  // lanes [lo, hi)
+    const __m256i i0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), i1 = _mm256_add_epi32(i0, _mm256_set1_epi32(8));
+    const __m256i vlo = _mm256_set1_epi32(lo - 1), vhi = _mm256_set1_epi32(hi);
+    return {_mm256_and_si256(_mm256_cmpgt_epi32(i0, vlo), _mm256_cmpgt_epi32(vhi, i0)),
+            _mm256_and_si256(_mm256_cmpgt_epi32(i1, vlo), _mm256_cmpgt_epi32(vhi, i1))};
+  }
+  static L16 l16_maskz(L16 v, LM m) {
+    return {_mm256_and_ps(v.a, _mm256_castsi256_ps(m.a)), _mm256_and_ps(v.b, _mm256_castsi256_ps(m.b))};
+  }
+  // Masked-out lanes read nothing (no fault) and are +0.
+  static L16 l16_maskz_loadu(const float* p, LM m) { return {_mm256_maskload_ps(p, m.a), _mm256_maskload_ps(p + 8, m.b)}; }
   static L16 l16_scale_fma(L16 acc, float s, L16 y) {
     const __m256 v = _mm256_set1_ps(s);
     return {_mm256_fmadd_ps(acc.a, v, y.a), _mm256_fmadd_ps(acc.b, v, y.b)};

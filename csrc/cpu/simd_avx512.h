@@ -130,6 +130,16 @@ struct Ops {
   static void l16_store(float* p, L16 v) { _mm512_storeu_ps(p, v); }
   static L16 l16_add(L16 a, L16 b) { return _mm512_add_ps(a, b); }
   static L16 l16_mul(L16 a, L16 b) { return _mm512_mul_ps(a, b); }
+  static L16 l16_fma(L16 a, L16 b, L16 acc) { return _mm512_fmadd_ps(a, b, acc); }
+  using LM = __mmask16;
+  static LM l16_lanes(int lo, int hi) {  // lanes [lo, hi)
+    const unsigned below_hi = hi >= 16 ? 0xffffu : ((1u << (hi > 0 ? hi : 0)) - 1u);
+    const unsigned below_lo = lo >= 16 ? 0xffffu : ((1u << (lo > 0 ? lo : 0)) - 1u);
+    return LM(below_hi & ~below_lo);
+  }
+  static L16 l16_maskz(L16 v, LM m) { return _mm512_maskz_mov_ps(m, v); }
+  // Masked-out lanes read nothing (no fault) and are +0.
+  static L16 l16_maskz_loadu(const float* p, LM m) { return _mm512_maskz_loadu_ps(m, p); }
   static L16 l16_scale_fma(L16 acc, float s, L16 y) { return _mm512_fmadd_ps(acc, _mm512_set1_ps(s), y); }
   // 16 packed bytes -> the table values of their high nibbles (lane j: element 2j) and low nibbles.
   static void l16_decode(const uint8_t* p, T16 table, L16* hi, L16* lo) {
