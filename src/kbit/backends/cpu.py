@@ -8,14 +8,25 @@ csrc/bindings.cpp). Tensors are detached because DLPack refuses tensors that req
 from __future__ import annotations
 
 import torch
+from torch.utils.dlpack import to_dlpack
 
 from .. import _ops
 from .._native import _C
 from .._ops import LIBRARY, num_blocks, packed_4bit_shape
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().view(-1)
+def _flat(t: torch.Tensor):
+    """A DLPack capsule of an input made contiguous (the kernels use the element count only). A capsule, not
+    the tensor: nanobind would call the tensor's Python-level ``__dlpack__``, ten times slower."""
+    return to_dlpack(t.detach().contiguous())
+
+
+def _out(t: torch.Tensor):
+    """A DLPack capsule of an output, which must already be contiguous: a contiguous copy would take the
+    kernel's writes and leave ``t`` unchanged (Note [no silent copies] in csrc/bindings.cpp)."""
+    if not t.is_contiguous():
+        raise AssertionError("kbit internal error: native output tensor is not contiguous")
+    return to_dlpack(t.detach())
 
 
 @_ops.implements("quantize_blockwise", "cpu")
@@ -23,12 +34,12 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
     _ops.check_quantize_blockwise(A, code, blocksize)
     out = torch.empty(A.shape, dtype=torch.uint8)
     absmax = torch.empty(num_blocks(A.numel(), blocksize), dtype=torch.float32)
-    _C.quantize_blockwise(_flat(A), _flat(code), absmax, out.view(-1), blocksize, torch.get_num_threads())
+    _C.quantize_blockwise(_flat(A), _flat(code), _out(absmax), _out(out), blocksize, torch.get_num_threads())
     return out, absmax
 
 
 def _dequantize_blockwise_into(A, absmax, code, blocksize, out: torch.Tensor) -> None:
-    _C.dequantize_blockwise(_flat(A), _flat(absmax), _flat(code), out.view(-1), blocksize, torch.get_num_threads())
+    _C.dequantize_blockwise(_flat(A), _flat(absmax), _flat(code), _out(out), blocksize, torch.get_num_threads())
 
 
 @_ops.implements("dequantize_blockwise", "cpu")
@@ -59,13 +70,13 @@ def quantize_4bit(A, blocksize, quant_type, quant_storage):
     raw = packed.view(-1).view(torch.uint8)
     raw[(n + 1) // 2 :].zero_()
     absmax = torch.empty(num_blocks(n, blocksize), dtype=torch.float32)
-    _C.quantize_4bit(_flat(A), absmax, raw, blocksize, quant_type, torch.get_num_threads())
+    _C.quantize_4bit(_flat(A), _out(absmax), _out(raw), blocksize, quant_type, torch.get_num_threads())
     return packed, absmax
 
 
 def _dequantize_4bit_into(A, absmax, blocksize, quant_type, out: torch.Tensor) -> None:
-    packed = _flat(A).view(torch.uint8)
-    _C.dequantize_4bit(packed, _flat(absmax), out.view(-1), blocksize, quant_type, torch.get_num_threads())
+    packed = A.detach().contiguous().view(-1).view(torch.uint8)
+    _C.dequantize_4bit(_flat(packed), _flat(absmax), _out(out), blocksize, quant_type, torch.get_num_threads())
 
 
 @_ops.implements("dequantize_4bit", "cpu")

@@ -109,6 +109,15 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def get_config(self, gindex: int, pindex: int, group: dict) -> dict[str, Any]:
         """The effective settings of one parameter: group values, then `args`, then overrides."""
+        p = group["params"][pindex]
+        overrides = dict(self._overrides.get(id(p), {}))
+        overrides.update(self.mng.pid2config.get(id(p), {}))
+        config = self._group_config(group)
+        config.update(families.translate_overrides(self.optimizer_name, config, overrides))
+        return config
+
+    def _group_config(self, group: dict) -> dict[str, Any]:
+        """The settings of a parameter without overrides in ``group``."""
         config = {
             "betas": group["betas"],
             "eps": group["eps"],
@@ -123,10 +132,6 @@ class Optimizer8bit(torch.optim.Optimizer):
                 config[key] = group[key]
         for key, default in _ARGS_DEFAULTS.items():
             config[key] = getattr(self.args, key, default)
-        p = group["params"][pindex]
-        overrides = dict(self._overrides.get(id(p), {}))
-        overrides.update(self.mng.pid2config.get(id(p), {}))
-        config.update(families.translate_overrides(self.optimizer_name, config, overrides))
         return config
 
     # ---- state -------------------------------------------------------------------------------------
@@ -212,10 +217,21 @@ class Optimizer8bit(torch.optim.Optimizer):
             self.initialized = True
         batches: dict[tuple, list] = defaultdict(list)
         for gindex, group in enumerate(self.param_groups):
+            # Settings are computed once per group; only parameters with overrides get their own (a step
+            # over hundreds of small tensors must not be dominated by Python).
+            base = None
             for pindex, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                key, item = self._prepare(group, p, gindex, pindex)
+                if id(p) in self._overrides or id(p) in self.mng.pid2config:
+                    config = self.get_config(gindex, pindex, group)
+                    self._check_config(config)
+                else:
+                    if base is None:
+                        base = self._group_config(group)
+                        self._check_config(base)
+                    config = base
+                key, item = self._prepare(group, p, gindex, pindex, config)
                 batches[key].append(item)
         for key, items in batches.items():
             families.launch(self._family(), key, items)
@@ -224,14 +240,18 @@ class Optimizer8bit(torch.optim.Optimizer):
     @torch.no_grad()
     def update_step(self, group: dict, p: torch.Tensor, gindex: int, pindex: int) -> None:
         """Update a single parameter (bitsandbytes' per-parameter entry point)."""
-        key, item = self._prepare(group, p, gindex, pindex)
+        config = self.get_config(gindex, pindex, group)
+        self._check_config(config)
+        key, item = self._prepare(group, p, gindex, pindex, config)
         families.launch(self._family(), key, [item])
 
-    def _prepare(self, group, p, gindex, pindex):
+    def _check_config(self, config: dict) -> None:
+        families.check_supported(self.optimizer_name, config)
+        _check_hyperparameters(config["lr"], config["eps"], config["betas"], config["weight_decay"], self.optimizer_name)
+
+    def _prepare(self, group, p, gindex, pindex, config):
         grad = p.grad
         _check_gradient(p, grad)
-        config = self.get_config(gindex, pindex, group)
-        families.check_supported(self.optimizer_name, config)
         state = self.state[p]
         if len(state) == 0:
             self.init_state(group, p, gindex, pindex)
@@ -241,7 +261,6 @@ class Optimizer8bit(torch.optim.Optimizer):
         if config["percentile_clipping"] < 100 and "gnorm_vec" not in state:
             state["gnorm_vec"] = torch.zeros((100,), dtype=torch.float32, device=p.device)
             state["_gnorm_fresh"] = True
-        _check_hyperparameters(config["lr"], config["eps"], config["betas"], config["weight_decay"], self.optimizer_name)
         state["step"] = int(state["step"]) + 1
         gnorm_scale = 1.0
         if config["percentile_clipping"] < 100:
