@@ -17,6 +17,7 @@ import math
 import threading
 
 import torch
+from torch.utils.dlpack import to_dlpack as _dl
 
 from .. import _ops
 from .._native import _C
@@ -40,6 +41,11 @@ def _tile_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[:numel]
 
 _EMPTY = torch.empty(0)
+
+
+def _c(t: torch.Tensor):
+    """DLPack capsule of a contiguous tensor (nanobind's own __dlpack__ call costs ~2 us per tensor)."""
+    return _dl(t.detach().contiguous())
 
 
 def _flat_u8(t: torch.Tensor) -> torch.Tensor:
@@ -70,12 +76,11 @@ def gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bi
     elif M <= GEMV_MAX_ROWS:
         out = torch.empty((M, N), dtype=A.dtype)
         if absmax_8bit is not None:
-            _C.gemv_4bit(A2, packed, _EMPTY, absmax_8bit.detach().contiguous(), absmax_code.detach().contiguous(),
-                         absmax.detach().contiguous(), NESTED_BLOCKSIZE, float(absmax_offset), N, K, blocksize,
-                         quant_type, out, threads)
+            _C.gemv_4bit(_c(A2), _c(packed), _c(_EMPTY), _c(absmax_8bit), _c(absmax_code), _c(absmax), NESTED_BLOCKSIZE,
+                         float(absmax_offset), N, K, blocksize, quant_type, _dl(out), threads)
         else:
-            _C.gemv_4bit(A2, packed, absmax.detach().contiguous(), _EMPTY, _EMPTY, _EMPTY, NESTED_BLOCKSIZE, 0.0, N, K,
-                         blocksize, quant_type, out, threads)
+            _C.gemv_4bit(_c(A2), _c(packed), _c(absmax), _c(_EMPTY), _c(_EMPTY), _c(_EMPTY), NESTED_BLOCKSIZE, 0.0, N,
+                         K, blocksize, quant_type, _dl(out), threads)
     else:
         if absmax_8bit is None:
             scales = absmax.detach().contiguous()
@@ -90,8 +95,8 @@ def gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bi
             n1 = min(N, n0 + rows)
             w = tile[: n1 - n0]
             f0, f1 = n0 * K, n1 * K
-            _C.dequantize_4bit(packed[f0 // 2 : (f1 + 1) // 2], scales[f0 // blocksize : -(-f1 // blocksize)],
-                               w.view(-1), blocksize, quant_type, threads)
+            _C.dequantize_4bit(_c(packed[f0 // 2 : (f1 + 1) // 2]), _c(scales[f0 // blocksize : -(-f1 // blocksize)]),
+                               _dl(w), blocksize, quant_type, threads)
             torch.mm(w, A2_t, out=out_t[n0:n1])
         out = out_t.t().contiguous()
     if bias is not None:
