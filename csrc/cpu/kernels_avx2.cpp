@@ -16,14 +16,9 @@ namespace avx2 {
 #include "optim-inl.h"
 #include "gemv4-inl.h"
 
-// One fused optimizer call at this level, for the call's parameter dtype.
 template <class Rule>
 void optim_entry(const OptimCall<Rule>& call, int threads) {
-  switch (call.dtype) {
-    case ParamDtype::kF32: run_optim_call<OptimBlocks, Rule, float>(call, threads); break;
-    case ParamDtype::kBF16: run_optim_call<OptimBlocks, Rule, bf16_t>(call, threads); break;
-    case ParamDtype::kF16: run_optim_call<OptimBlocks, Rule, f16_t>(call, threads); break;
-  }
+  dispatch_optim_call<OptimBlocks>(call, threads);
 }
 }  // namespace avx2
 

@@ -131,5 +131,15 @@ void run_optim_call(const OptimCall<Rule>& call, int threads) {
   }
 }
 
+// A fused optimizer call at one ISA level (Blocks: that level's block kernels), for the call's dtype.
+template <class Blocks, class Rule>
+void dispatch_optim_call(const OptimCall<Rule>& call, int threads) {
+  switch (call.dtype) {
+    case ParamDtype::kF32: run_optim_call<Blocks, Rule, float>(call, threads); break;
+    case ParamDtype::kBF16: run_optim_call<Blocks, Rule, bf16_t>(call, threads); break;
+    case ParamDtype::kF16: run_optim_call<Blocks, Rule, f16_t>(call, threads); break;
+  }
+}
+
 }  // namespace
 }  // namespace kbit
