@@ -54,8 +54,11 @@ class Linear4bit(torch.nn.Linear):
             raise TypeError("Linear4bit.weight must be a Params4bit; assign weights through load_state_dict")
         if not weight.bnb_quantized:
             weight._quantize(weight.device)
-        weight.module = self
-        self.quant_state = weight.quant_state
+        # Assign only on change: nn.Module.__setattr__ costs microseconds, and this runs on every call.
+        if weight.module is not self:
+            weight.module = self
+        if self.quant_state is not weight.quant_state:
+            self.quant_state = weight.quant_state
         return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
