@@ -107,6 +107,7 @@ void gemv_4bit(const Array& x, const Array& packed, const Array& absmax, const A
   a.x_even = xe.data();
   a.x_odd = xo.data();
   a.x_stride = stride;
+  a.aligned = k_in % 32 == 0 && k_in % blocksize == 0;
   a.out = y.data();
   active_kernels().gemv_4bit(a, threads);
   for (int64_t i = 0; i < rows * n_out; ++i) store_any(op, ko, i, y[size_t(i)]);

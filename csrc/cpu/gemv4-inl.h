@@ -22,6 +22,24 @@ inline void chunk_sums(const Gemv4bitArgs& a, const uint8_t* bytes, typename Ops
   chunk_accumulate_vec<M, First>(vh, vl, xh, xl, a.x_stride, s);
 }
 
+// Scales of blocks [b0, b0 + count) into out, double quantization decoded Ops::N blocks at a time (one
+// block's scalar decode costs as much as a quarter of the block's multiply-adds). Same float operations as
+// block_absmax_of(): code * nested, then + offset.
+inline constexpr int64_t kRowScales = 256;
+inline void row_scales(const Gemv4bitArgs& a, int64_t b0, int64_t count, float* out) {
+  int64_t i = 0;
+  if (a.absmax == nullptr) {
+    const typename Ops::F offset = Ops::set1(a.offset);
+    for (; i + Ops::N <= count; i += Ops::N) {
+      const typename Ops::I blocks = Ops::add_i(Ops::iota_i(), Ops::set1_i(int(b0 + i)));
+      const typename Ops::F v = Ops::gather(a.absmax_code, Ops::load_u8(a.absmax_q + b0 + i));
+      const typename Ops::F nested = Ops::gather(a.absmax_nested, Ops::srl_i(blocks, a.nested_shift));
+      Ops::store(out + i, Ops::add(Ops::mul(v, nested), offset));
+    }
+  }
+  for (; i < count; ++i) out[i] = block_absmax_of(a, b0 + i);
+}
+
 // A row made of whole, chunk-aligned blocks of `CPB` chunks (0: a.blocksize / 32 at run time): the common
 // case (K a multiple of the block size), with no per-chunk bookkeeping.
 template <int M, int CPB>
@@ -30,13 +48,15 @@ void gemv_row_aligned(const Gemv4bitArgs& a, typename Ops::T16 table, int64_t n,
   const int64_t cpb = CPB ? CPB : a.blocksize / 32;
   const int64_t nblocks = a.k_in / a.blocksize;
   const uint8_t* bytes = a.packed + ((n * a.k_in) >> 1);
-  int64_t b = n * nblocks;
-  for (int64_t i = 0; i < nblocks; ++i, ++b) {
+  const int64_t b = n * nblocks;
+  alignas(64) float scales[kRowScales];
+  for (int64_t i = 0; i < nblocks; ++i) {
+    if (i % kRowScales == 0) row_scales(a, b + i, nblocks - i < kRowScales ? nblocks - i : kRowScales, scales);
     typename Ops::L16 s[M];
     chunk_sums<M, true>(a, bytes, table, xh, xl, s);
     bytes += 16, xh += 16, xl += 16;
     for (int64_t c = 1; c < cpb; ++c, bytes += 16, xh += 16, xl += 16) chunk_sums<M, false>(a, bytes, table, xh, xl, s);
-    const float am = block_absmax_of(a, b);
+    const float am = scales[i % kRowScales];
     for (int m = 0; m < M; ++m) y[m] = Ops::l16_scale_fma(s[m], am, y[m]);
   }
 }
@@ -88,7 +108,7 @@ void gemv_4bit_rows(const Gemv4bitArgs& a, int64_t n0, int64_t n1) {
   const int64_t K = a.k_in, bs = a.blocksize;
   alignas(64) float wh[16], wl[16], xh_part[M * 16], xl_part[M * 16], lanes[16];
   // Every row is made of whole, chunk-aligned blocks when K is a multiple of both (the common case).
-  const bool aligned = K % bs == 0 && K % 32 == 0;
+  const bool aligned = a.aligned;
   const int64_t nbytes = (a.n_out * K + 1) / 2;
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t row = n * K, fend = row + K;

@@ -42,6 +42,7 @@ struct Gemv4bitArgs {
   const float* x_even;     // [M][x_stride]: x[m][2j]
   const float* x_odd;      // [M][x_stride]: x[m][2j + 1]
   int64_t x_stride;
+  bool aligned;  // every row is made of whole chunk-aligned blocks (K % 32 == 0 and K % blocksize == 0)
   float* out;              // [M][N] float32
 };
 

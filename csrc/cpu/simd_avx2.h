@@ -83,6 +83,8 @@ struct Ops {
     m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xb1));
     return uint32_t(_mm_cvtsi128_si32(m));
   }
+  static I iota_i() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+  static I srl_i(I a, int n) { return _mm256_srl_epi32(a, _mm_cvtsi32_si128(n)); }
   static I set1_i(int v) { return _mm256_set1_epi32(v); }
   static I add_i(I a, I b) { return _mm256_add_epi32(a, b); }
   static I or_i(I a, I b) { return _mm256_or_si256(a, b); }

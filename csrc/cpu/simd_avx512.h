@@ -79,6 +79,8 @@ struct Ops {
   static I abs_bits(F a) { return _mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(0x7fffffff)); }
   static I max_u32(I a, I b) { return _mm512_max_epu32(a, b); }
   static uint32_t reduce_max_u32(I a) { return _mm512_reduce_max_epu32(a); }
+  static I iota_i() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+  static I srl_i(I a, int n) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(n)); }
   static I set1_i(int v) { return _mm512_set1_epi32(v); }
   static I add_i(I a, I b) { return _mm512_add_epi32(a, b); }
   static I or_i(I a, I b) { return _mm512_or_si512(a, b); }
