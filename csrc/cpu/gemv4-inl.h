@@ -121,8 +121,15 @@ void gemv_4bit_rows(const Gemv4bitArgs& a, int64_t n0, int64_t n1) {
       else gemv_row_aligned<M, 0>(a, table, n, a.x_even, a.x_odd, y);
     } else {
       // Blocks are walked incrementally: an integer division per block costs as much as decoding it.
-      int64_t b = row / bs, block_end = (b + 1) * bs;
+      const int64_t b_first = row / bs;
+      int64_t b = b_first, block_end = (b + 1) * bs;
+      const int64_t row_blocks = (fend - 1) / bs - b_first + 1;
+      alignas(64) float scales[kRowScales];
       for (int64_t f = row; f < fend; ++b, block_end += bs) {
+        if ((b - b_first) % kRowScales == 0) {
+          const int64_t left = row_blocks - (b - b_first);
+          row_scales(a, b, left < kRowScales ? left : kRowScales, scales);
+        }
         const int64_t bend = block_end < fend ? block_end : fend;
         L16 s[M];
         bool first = true;
@@ -150,7 +157,7 @@ void gemv_4bit_rows(const Gemv4bitArgs& a, int64_t n0, int64_t n1) {
           partial_any<M>(a, table, tab, n, row, f, bend, nbytes, first, s, wh, wl, xh_part, xl_part);
           f = bend;
         }
-        const float am = block_absmax_of(a, b);
+        const float am = scales[(b - b_first) % kRowScales];
         for (int m = 0; m < M; ++m) y[m] = Ops::l16_scale_fma(s[m], am, y[m]);
       }
     }
