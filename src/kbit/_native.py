@@ -18,8 +18,10 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
         "kbit's native module (kbit._C) could not be loaded. Reinstall kbit from a clean clone with "
         "`pip install .` so that its C++ kernels are built for this machine."
     ) from exc
-except ValueError as exc:  # an invalid KBIT_CPU_CAPABILITY is reported at first use, below
-    raise
+
+# Validate KBIT_CPU_CAPABILITY now, so a wrong value fails at import with the valid choices, not at the
+# first kernel call.
+_C.capability()
 
 __all__ = ["get_cpu_capability", "supported_cpu_capabilities", "set_cpu_capability", "cpu_capability", "num_threads"]
 
