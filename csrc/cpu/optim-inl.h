@@ -67,47 +67,58 @@ struct OptimBlocks {
   }
 
   // Blocks [b0, b1) of an 8-bit blockwise state, Note [optimizer step].
+  // The update pass over [start, start + len) of 8-bit states: dequantize (scales am), step, write the
+  // parameter, keep the new states in buf and return their max |.| bit patterns (for the new absmax).
+  template <class Rule, class T>
+  static void update_span(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t start, int64_t len,
+                          const float* am, float (*buf)[kMaxFusedBlock], uint32_t* max_bits) {
+    T* p = static_cast<T*>(t.p) + start;
+    const T* g = static_cast<const T*>(t.g) + start;
+    const float* qmap[3];
+    typename Ops::I vmax[3];
+    for (int k = 0; k < Rule::kStates; ++k) {
+      qmap[k] = c.luts[k]->code;
+      vmax[k] = Ops::zero_i();
+    }
+    int64_t i = 0;
+    for (; i + Ops::N <= len; i += Ops::N) {
+      F pv = Ops::load(p + i);
+      F s[3];
+      for (int k = 0; k < Rule::kStates; ++k)
+        s[k] = Ops::mul(Ops::gather(qmap[k], Ops::load_u8(t.codes[k] + start + i)), Ops::set1(am[k]));
+      step_vector(r, t.sc, c.skip_zeros, pv, Ops::load(g + i), s);
+      Ops::store(p + i, pv);
+      for (int k = 0; k < Rule::kStates; ++k) {
+        Ops::store(buf[k] + i, s[k]);
+        vmax[k] = Ops::max_u32(vmax[k], Ops::abs_bits(s[k]));
+      }
+    }
+    for (int k = 0; k < Rule::kStates; ++k) max_bits[k] = Ops::reduce_max_u32(vmax[k]);
+    for (; i < len; ++i) {
+      float pf = to_f32(p[i]);
+      float s[3];
+      for (int k = 0; k < Rule::kStates; ++k) s[k] = qmap[k][t.codes[k][start + i]] * am[k];
+      step_element(r, t.sc, c.skip_zeros, pf, to_f32(g[i]), s);
+      from_f32(pf, p + i);
+      for (int k = 0; k < Rule::kStates; ++k) {
+        buf[k][i] = s[k];
+        if (abs_bits(s[k]) > max_bits[k]) max_bits[k] = abs_bits(s[k]);
+      }
+    }
+  }
+
+  // Blocks [b0, b1) of an 8-bit blockwise state, Note [optimizer step].
   template <class Rule, class T>
   static void update8_blocks(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t b0, int64_t b1) {
-    T* p = static_cast<T*>(t.p);
-    const T* g = static_cast<const T*>(t.g);
     alignas(64) float buf[3][kMaxFusedBlock];
-    const float* qmap[3];
-    for (int k = 0; k < Rule::kStates; ++k) qmap[k] = c.luts[k]->code;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * c.blocksize;
       const int64_t len = start + c.blocksize <= t.n ? c.blocksize : t.n - start;
       float am[3];
-      for (int k = 0; k < Rule::kStates; ++k) am[k] = t.absmax[k][b];
-      typename Ops::I vmax[3];
-      for (int k = 0; k < Rule::kStates; ++k) vmax[k] = Ops::zero_i();
-      prefetch_block<Rule, T>(t, start + kPrefetchBlocks * c.blocksize, c.blocksize);
-      int64_t i = 0;
-      for (; i + Ops::N <= len; i += Ops::N) {
-        F pv = Ops::load(p + start + i);
-        F s[3];
-        for (int k = 0; k < Rule::kStates; ++k)
-          s[k] = Ops::mul(Ops::gather(qmap[k], Ops::load_u8(t.codes[k] + start + i)), Ops::set1(am[k]));
-        step_vector(r, t.sc, c.skip_zeros, pv, Ops::load(g + start + i), s);
-        Ops::store(p + start + i, pv);
-        for (int k = 0; k < Rule::kStates; ++k) {
-          Ops::store(buf[k] + i, s[k]);
-          vmax[k] = Ops::max_u32(vmax[k], Ops::abs_bits(s[k]));
-        }
-      }
       uint32_t max_bits[3];
-      for (int k = 0; k < Rule::kStates; ++k) max_bits[k] = Ops::reduce_max_u32(vmax[k]);
-      for (; i < len; ++i) {
-        float pf = to_f32(p[start + i]);
-        float s[3];
-        for (int k = 0; k < Rule::kStates; ++k) s[k] = qmap[k][t.codes[k][start + i]] * am[k];
-        step_element(r, t.sc, c.skip_zeros, pf, to_f32(g[start + i]), s);
-        from_f32(pf, p + start + i);
-        for (int k = 0; k < Rule::kStates; ++k) {
-          buf[k][i] = s[k];
-          if (abs_bits(s[k]) > max_bits[k]) max_bits[k] = abs_bits(s[k]);
-        }
-      }
+      for (int k = 0; k < Rule::kStates; ++k) am[k] = t.absmax[k][b];
+      prefetch_block<Rule, T>(t, start + kPrefetchBlocks * c.blocksize, c.blocksize);
+      update_span<Rule, T>(c, t, r, start, len, am, buf, max_bits);
       for (int k = 0; k < Rule::kStates; ++k) {
         const float amax = absmax_from_bits(max_bits[k]);
         t.absmax[k][b] = amax;
@@ -121,37 +132,15 @@ struct OptimBlocks {
   template <class Rule, class T>
   static void update8_fixed(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t begin, int64_t end,
                             const float* old_am, const float* new_am) {
-    T* p = static_cast<T*>(t.p);
-    const T* g = static_cast<const T*>(t.g);
-    const float* qmap[3];
-    float inv[3];
-    for (int k = 0; k < Rule::kStates; ++k) {
-      qmap[k] = c.luts[k]->code;
-      inv[k] = block_reciprocal(new_am[k]);
-    }
+    static_assert(kChunk <= kMaxFusedBlock, "update_span buffers hold kMaxFusedBlock values");
+    alignas(64) float buf[3][kMaxFusedBlock];
+    uint32_t unused_max[3];
     for (int64_t i = begin; i < end; i += kChunk) {
       const int64_t len = i + kChunk <= end ? kChunk : end - i;
-      alignas(64) float buf[3][kChunk];
-      int64_t j = 0;
-      for (; j + Ops::N <= len; j += Ops::N) {
-        F pv = Ops::load(p + i + j);
-        F s[3];
-        for (int k = 0; k < Rule::kStates; ++k)
-          s[k] = Ops::mul(Ops::gather(qmap[k], Ops::load_u8(t.codes[k] + i + j)), Ops::set1(old_am[k]));
-        step_vector(r, t.sc, c.skip_zeros, pv, Ops::load(g + i + j), s);
-        Ops::store(p + i + j, pv);
-        for (int k = 0; k < Rule::kStates; ++k) Ops::store(buf[k] + j, s[k]);
-      }
-      for (; j < len; ++j) {
-        float pf = to_f32(p[i + j]);
-        float s[3];
-        for (int k = 0; k < Rule::kStates; ++k) s[k] = qmap[k][t.codes[k][i + j]] * old_am[k];
-        step_element(r, t.sc, c.skip_zeros, pf, to_f32(g[i + j]), s);
-        from_f32(pf, p + i + j);
-        for (int k = 0; k < Rule::kStates; ++k) buf[k][j] = s[k];
-      }
+      update_span<Rule, T>(c, t, r, i, len, old_am, buf, unused_max);
       for (int k = 0; k < Rule::kStates; ++k)
-        quantize_values(buf[k], len, inv[k], finite_absmax(new_am[k]), LutView(*c.luts[k]), t.codes[k] + i);
+        quantize_values(buf[k], len, block_reciprocal(new_am[k]), finite_absmax(new_am[k]), LutView(*c.luts[k]),
+                        t.codes[k] + i);
     }
   }
 
