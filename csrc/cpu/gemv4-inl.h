@@ -40,18 +40,21 @@ inline void row_scales(const Gemv4bitArgs& a, int64_t b0, int64_t count, float* 
   for (; i < count; ++i) out[i] = block_absmax_of(a, b0 + i);
 }
 
-// A row made of whole, chunk-aligned blocks of `CPB` chunks (0: a.blocksize / 32 at run time): the common
-// case (K a multiple of the block size), with no per-chunk bookkeeping.
+// `nblocks` whole blocks of `CPB` chunks each (0: a.blocksize / 32 at run time) starting at flat index f of
+// row `row` (f on a block boundary, so on a chunk boundary and a whole byte), blocks b0.. : the bulk of every
+// row, with no per-chunk bookkeeping.
 template <int M, int CPB>
-void gemv_row_aligned(const Gemv4bitArgs& a, typename Ops::T16 table, int64_t n, const float* xh, const float* xl,
-                      typename Ops::L16* y) {
+void whole_blocks(const Gemv4bitArgs& a, typename Ops::T16 table, int64_t row, int64_t f, int64_t b0, int64_t nblocks,
+                  typename Ops::L16* y) {
   const int64_t cpb = CPB ? CPB : a.blocksize / 32;
-  const int64_t nblocks = a.k_in / a.blocksize;
-  const uint8_t* bytes = a.packed + ((n * a.k_in) >> 1);
-  const int64_t b = n * nblocks;
+  const uint8_t* bytes = a.packed + (f >> 1);
+  const int64_t k0 = f - row;  // has the row start's parity, since f is even
+  const bool odd = (k0 & 1) != 0;
+  const float* xh = odd ? a.x_odd + ((k0 - 1) >> 1) : a.x_even + (k0 >> 1);
+  const float* xl = odd ? a.x_even + ((k0 + 1) >> 1) : a.x_odd + (k0 >> 1);
   alignas(64) float scales[kRowScales];
   for (int64_t i = 0; i < nblocks; ++i) {
-    if (i % kRowScales == 0) row_scales(a, b + i, nblocks - i < kRowScales ? nblocks - i : kRowScales, scales);
+    if (i % kRowScales == 0) row_scales(a, b0 + i, nblocks - i < kRowScales ? nblocks - i : kRowScales, scales);
     typename Ops::L16 s[M];
     chunk_sums<M, true>(a, bytes, table, xh, xl, s);
     bytes += 16, xh += 16, xl += 16;
@@ -59,6 +62,13 @@ void gemv_row_aligned(const Gemv4bitArgs& a, typename Ops::T16 table, int64_t n,
     const float am = scales[i % kRowScales];
     for (int m = 0; m < M; ++m) y[m] = Ops::l16_scale_fma(s[m], am, y[m]);
   }
+}
+
+template <int M>
+inline void whole_blocks_any(const Gemv4bitArgs& a, typename Ops::T16 table, int64_t row, int64_t f, int64_t b0,
+                             int64_t nblocks, typename Ops::L16* y) {
+  if (a.blocksize == 64) whole_blocks<M, 2>(a, table, row, f, b0, nblocks, y);
+  else whole_blocks<M, 0>(a, table, row, f, b0, nblocks, y);
 }
 
 // A chunk cut by a row boundary, elements [f, stop) of the 32-aligned chunk c: the whole chunk is decoded
@@ -117,32 +127,20 @@ void gemv_4bit_rows(const Gemv4bitArgs& a, int64_t n0, int64_t n1) {
     L16 y[M];
     for (int m = 0; m < M; ++m) y[m] = Ops::l16_zero();
     if (aligned) {
-      if (bs == 64) gemv_row_aligned<M, 2>(a, table, n, a.x_even, a.x_odd, y);
-      else gemv_row_aligned<M, 0>(a, table, n, a.x_even, a.x_odd, y);
+      whole_blocks_any<M>(a, table, row, row, n * (K / bs), K / bs, y);
     } else {
-      // Blocks are walked incrementally: an integer division per block costs as much as decoding it.
-      const int64_t b_first = row / bs;
-      int64_t b = b_first, block_end = (b + 1) * bs;
-      const int64_t row_blocks = (fend - 1) / bs - b_first + 1;
-      alignas(64) float scales[kRowScales];
-      for (int64_t f = row; f < fend; ++b, block_end += bs) {
-        if ((b - b_first) % kRowScales == 0) {
-          const int64_t left = row_blocks - (b - b_first);
-          row_scales(a, b, left < kRowScales ? left : kRowScales, scales);
-        }
-        const int64_t bend = block_end < fend ? block_end : fend;
+      // A segment (the part of block b in this row, [f, bend)) that may start or end mid-chunk.
+      auto segment = [&](int64_t f, int64_t bend, int64_t b) {
         L16 s[M];
         bool first = true;
-        // Head: a chunk cut by the row start (blocks begin on chunk boundaries).
-        if ((f & 31) != 0) {
+        if ((f & 31) != 0) {  // head: a chunk cut by the row start
           const int64_t stop = ((f >> 5) + 1) << 5 < bend ? ((f >> 5) + 1) << 5 : bend;
           partial_any<M>(a, table, tab, n, row, f, stop, nbytes, first, s, wh, wl, xh_part, xl_part);
           f = stop;
           first = false;
         }
-        // Whole chunks, in a tight loop.
-        if (f + 32 <= bend) {
-          const int64_t k0 = f - row;  // same parity as the row start, since f is even
+        if (f + 32 <= bend) {  // whole chunks
+          const int64_t k0 = f - row;
           const float* xh = odd_row ? a.x_odd + ((k0 - 1) >> 1) : a.x_even + (k0 >> 1);
           const float* xl = odd_row ? a.x_even + ((k0 + 1) >> 1) : a.x_odd + (k0 >> 1);
           if (first) {
@@ -152,14 +150,24 @@ void gemv_4bit_rows(const Gemv4bitArgs& a, int64_t n0, int64_t n1) {
           }
           for (; f + 32 <= bend; f += 32, xh += 16, xl += 16) chunk_sums<M, false>(a, a.packed + (f >> 1), table, xh, xl, s);
         }
-        // Tail: a chunk cut by the row end.
-        if (f < bend) {
-          partial_any<M>(a, table, tab, n, row, f, bend, nbytes, first, s, wh, wl, xh_part, xl_part);
-          f = bend;
-        }
-        const float am = scales[(b - b_first) % kRowScales];
+        if (f < bend) partial_any<M>(a, table, tab, n, row, f, bend, nbytes, first, s, wh, wl, xh_part, xl_part);
+        const float am = block_absmax_of(a, b);
         for (int m = 0; m < M; ++m) y[m] = Ops::l16_scale_fma(s[m], am, y[m]);
+      };
+      int64_t f = row, b = row / bs;
+      if (f % bs != 0 || f + bs > fend) {  // the block the row starts in, if cut
+        const int64_t bend = (b + 1) * bs < fend ? (b + 1) * bs : fend;
+        segment(f, bend, b);
+        f = bend;
+        ++b;
       }
+      const int64_t nwhole = (fend - f) / bs;  // then whole blocks, in the tight loop
+      if (nwhole > 0) {
+        whole_blocks_any<M>(a, table, row, f, b, nwhole, y);
+        f += nwhole * bs;
+        b += nwhole;
+      }
+      if (f < fend) segment(f, fend, b);  // the block the row ends in, if cut
     }
     for (int m = 0; m < M; ++m) {
       Ops::l16_store(lanes, y[m]);
