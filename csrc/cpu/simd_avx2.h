@@ -87,7 +87,6 @@ struct Ops {
   static I srl_i(I a, int n) { return _mm256_srl_epi32(a, _mm_cvtsi32_si128(n)); }
   static I set1_i(int v) { return _mm256_set1_epi32(v); }
   static I add_i(I a, I b) { return _mm256_add_epi32(a, b); }
-  static I or_i(I a, I b) { return _mm256_or_si256(a, b); }
   static I add_where(I a, M m, int k) { return _mm256_add_epi32(a, _mm256_and_si256(m, _mm256_set1_epi32(k))); }
   static I zero_where(I a, M m) { return _mm256_andnot_si256(m, a); }
   static I order_key16(F s) {

@@ -83,7 +83,6 @@ struct Ops {
   static I srl_i(I a, int n) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(n)); }
   static I set1_i(int v) { return _mm512_set1_epi32(v); }
   static I add_i(I a, I b) { return _mm512_add_epi32(a, b); }
-  static I or_i(I a, I b) { return _mm512_or_si512(a, b); }
   static I add_where(I a, M m, int k) { return _mm512_mask_add_epi32(a, m, a, _mm512_set1_epi32(k)); }
   static I zero_where(I a, M m) { return _mm512_mask_mov_epi32(a, m, _mm512_setzero_si512()); }
   static I order_key16(F s) {

@@ -75,20 +75,17 @@ def check_group(params, grads, states, lr, step, gnorm_scale) -> None:
             raise ValueError(f"step must be >= 1: it counts the step being taken (got {s})")
 
 
-def _fake(name: str, nstate_lists: int):
-    def fake(params, grads, *rest):
-        check_group(params, grads, rest[:nstate_lists], *rest_lists(name, rest))
+def _fake(name: str):
+    """Fake kernel of one op: the shared checks, with arguments found by name in its schema (not by offset)."""
+    names = [arg.split()[-1].split("=")[0] for arg in OPTIM_SCHEMAS[name].split("->")[0].strip(" ()").split(", ")]
+    states = [i for i, n in enumerate(names) if n in ("state1", "state2")]
+
+    def fake(*args):
+        arg = dict(zip(names, args))
+        check_group(arg["params"], arg["grads"], [args[i] for i in states], arg["lr"], arg["step"], arg["gnorm_scale"])
 
     torch.library.register_fake(f"{LIBRARY}::{name}", fake)
 
 
-def rest_lists(name: str, rest):
-    """(lr, step, gnorm_scale) out of an op's arguments after params and grads."""
-    offset = {"adam_step_": 5, "ademamix_step_": 5}.get(name, 3)
-    return rest[offset + 1], rest[offset + 2], rest[offset + 3]
-
-
-for _name, _nstates in {
-    "adam_step_": 2, "ademamix_step_": 2, "lion_step_": 1, "momentum_step_": 1, "rmsprop_step_": 1, "adagrad_step_": 1,
-}.items():
-    _fake(_name, _nstates)
+for _name in OPTIM_SCHEMAS:
+    _fake(_name)
