@@ -101,6 +101,23 @@ def absmax_for(absmax: torch.Tensor, n: int, blocksize: int, device: torch.devic
         raise ValueError(f"{what} is on {absmax.device} but the data is on {device}")
 
 
+def out_tensor(out: torch.Tensor, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
+        raise ValueError(
+            f"out must be a {dtype} tensor of shape {tuple(shape)} on {device} "
+            f"(got {out.dtype} of shape {tuple(out.shape)} on {out.device})"
+        )
+
+
+def same_device(t: torch.Tensor, device: torch.device, what: str) -> None:
+    """Mixed devices would dispatch to one device's kernel (a meta tensor among CPU ones: the shape-only fake
+    kernel, which computes nothing), so they are rejected."""
+    if t.device != device:
+        raise ValueError(f"{what} is on {t.device} but the data is on {device}; move it with .to({str(device)!r})")
+
+
 def packed_4bit_for(A: torch.Tensor, n: int) -> None:
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
@@ -121,3 +138,11 @@ def shape(shape: Sequence[int]) -> int:
             raise ValueError(f"shape must be a sequence of non-negative ints (got {tuple(shape)})")
         n *= s
     return n
+
+
+def indices(idx: torch.Tensor) -> None:
+    """Embedding lookups: integer indices (out-of-range ones raise torch's IndexError, as nn.Embedding)."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"embedding indices must be a torch.Tensor, got {type(idx).__name__}")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"embedding indices must be int64 or int32 (got {idx.dtype}); convert them with .long()")

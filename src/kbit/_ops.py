@@ -15,8 +15,6 @@ Note [op semantics]
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from . import _checks
@@ -109,20 +107,14 @@ def check_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype) -> int
     return n
 
 
-def check_out(out: torch.Tensor, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> None:
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
-        raise ValueError(
-            f"out must be a {dtype} tensor of shape {tuple(shape)} on {device} "
-            f"(got {out.dtype} of shape {tuple(out.shape)} on {out.device})"
-        )
+check_out = _checks.out_tensor
 
 
 def check_gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code, absmax_offset) -> None:
     _checks.float_input(A, "A")
     if len(shapeB) != 2:
         raise ValueError(f"shapeB must be [N, K] (out_features, in_features), got {list(shapeB)}")
+    _checks.shape(shapeB)
     N, K = shapeB
     if A.dim() == 0 or A.shape[-1] != K:
         raise ValueError(
@@ -131,21 +123,28 @@ def check_gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8b
     _checks.blocksize_4bit(blocksize)
     _checks.quant_type(quant_type)
     _checks.packed_4bit_for(B, N * K)
+    _checks.same_device(B, A.device, "the packed weight B")
     blocks = num_blocks(N * K, blocksize)
     if absmax_8bit is not None:
         if absmax_code is None or absmax_offset is None:
             raise ValueError("double-quantized scales need absmax_8bit, absmax_code and absmax_offset together")
         _checks.codes_8bit(absmax_8bit, "absmax_8bit")
+        _checks.same_device(absmax_8bit, A.device, "absmax_8bit")
         if absmax_8bit.numel() != blocks:
             raise ValueError(f"absmax_8bit has {absmax_8bit.numel()} codes, the weight has {blocks} blocks")
         _checks.code_map(absmax_code, A.device)
         _checks.absmax_for(absmax, blocks, NESTED_BLOCKSIZE, A.device, "nested absmax")
-        if absmax_offset.numel() != 1 or absmax_offset.dtype != torch.float32:
+        if not isinstance(absmax_offset, torch.Tensor) or absmax_offset.numel() != 1 or absmax_offset.dtype != torch.float32:
             raise ValueError("absmax_offset must be a float32 scalar tensor")
+        _checks.same_device(absmax_offset, A.device, "absmax_offset")
     else:
         _checks.absmax_for(absmax, N * K, blocksize, A.device)
-    if bias is not None and (bias.dim() != 1 or bias.numel() != N):
-        raise ValueError(f"bias must have {N} values (out_features), got shape {tuple(bias.shape)}")
+    if bias is not None:
+        if bias.dim() != 1 or bias.numel() != N:
+            raise ValueError(f"bias must have {N} values (out_features), got shape {tuple(bias.shape)}")
+        if not bias.is_floating_point():
+            raise TypeError(f"bias must be a float tensor (got {bias.dtype}); convert it with bias.float()")
+        _checks.same_device(bias, A.device, "bias")
 
 
 # ---- fake kernels: shapes and dtypes only ---------------------------------------------------------

@@ -80,11 +80,13 @@ def matmul_4bit(A: torch.Tensor, B: torch.Tensor, quant_state: QuantState, out: 
     """
     _check_state(quant_state)
     _checks.float_input(A, "A")
-    if A.shape[-1] != quant_state.shape[1]:
+    if A.dim() == 0 or A.shape[-1] != quant_state.shape[1]:
         raise ValueError(
-            f"matmul_4bit: input has {A.shape[-1]} features, the weight expects {quant_state.shape[1]} "
-            f"(weight shape {list(quant_state.shape)})"
+            f"matmul_4bit: input has {A.shape[-1] if A.dim() else 0} features (shape {tuple(A.shape)}), the weight "
+            f"expects {quant_state.shape[1]} (weight shape {list(quant_state.shape)})"
         )
+    if out is not None:  # checked before computing, so a bad `out` fails fast and is left untouched
+        _checks.out_tensor(out, (*A.shape[:-1], quant_state.shape[0]), A.dtype, A.device)
     needs_grad = torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad))
     if needs_grad:
         return MatMul4Bit.apply(A, B, out, bias, quant_state)

@@ -170,7 +170,7 @@ def _iter_group(params, grads, storages, absmaxes, qmaps, rows, blocksize):
 @implements("adam_step_", None)
 def adam_step_(params, grads, state1, state2, absmax1, absmax2, qmaps, blocksize, lr, step, gnorm_scale, unorm_out,
                beta1, beta2, eps, weight_decay, max_unorm, skip_zeros, bias_correction):
-    _optim_ops.check_group(params, grads, [state1, state2], lr, step, gnorm_scale)
+    _optim_ops.check_op("adam_step_", locals())  # first statement: locals() are the arguments
     for i, p, g, io in _iter_group(params, grads, [state1, state2], [absmax1, absmax2], qmaps, (1, 1), blocksize):
         bc1 = 1.0 - beta1 ** step[i] if bias_correction else 1.0
         bc2 = math.sqrt(1.0 - beta2 ** step[i]) if bias_correction else 1.0
@@ -182,7 +182,7 @@ def adam_step_(params, grads, state1, state2, absmax1, absmax2, qmaps, blocksize
 @implements("ademamix_step_", None)
 def ademamix_step_(params, grads, state1, state2, absmax1, absmax2, qmaps, blocksize, lr, step, gnorm_scale, beta3,
                    alpha, beta1, beta2, eps, weight_decay):
-    _optim_ops.check_group(params, grads, [state1, state2], lr, step, gnorm_scale)
+    _optim_ops.check_op("ademamix_step_", locals())  # first statement: locals() are the arguments
     for i, p, g, io in _iter_group(params, grads, [state1, state2], [absmax1, absmax2], qmaps, (2, 1), blocksize):
         bc1 = 1.0 - beta1 ** step[i]
         bc2 = math.sqrt(1.0 - beta2 ** step[i])
@@ -193,7 +193,7 @@ def ademamix_step_(params, grads, state1, state2, absmax1, absmax2, qmaps, block
 @implements("lion_step_", None)
 def lion_step_(params, grads, state1, absmax1, qmaps, blocksize, lr, step, gnorm_scale, beta1, beta2, weight_decay,
                skip_zeros):
-    _optim_ops.check_group(params, grads, [state1], lr, step, gnorm_scale)
+    _optim_ops.check_op("lion_step_", locals())  # first statement: locals() are the arguments
     for i, p, g, io in _iter_group(params, grads, [state1], [absmax1], qmaps, (1,), blocksize):
         rule = _lion_rule(beta1, beta2, 1.0 - lr[i] * weight_decay)
         _step_tensor(p, g, io, rule, f32(lr[i]), gnorm_scale[i], skip_zeros, 0.0, 0.0, 1.0, None)
@@ -202,7 +202,7 @@ def lion_step_(params, grads, state1, absmax1, qmaps, blocksize, lr, step, gnorm
 @implements("momentum_step_", None)
 def momentum_step_(params, grads, state1, absmax1, qmaps, blocksize, lr, step, gnorm_scale, unorm_out, momentum,
                    dampening, weight_decay, nesterov, max_unorm, trust_eps, skip_zeros):
-    _optim_ops.check_group(params, grads, [state1], lr, step, gnorm_scale)
+    _optim_ops.check_op("momentum_step_", locals())  # first statement: locals() are the arguments
     for i, p, g, io in _iter_group(params, grads, [state1], [absmax1], qmaps, (1,), blocksize):
         rule = _momentum_rule(momentum, dampening, weight_decay, nesterov, step[i] == 1)
         _step_tensor(p, g, io, rule, f32(lr[i]), gnorm_scale[i], skip_zeros, max_unorm, f32(trust_eps), 1.0,
@@ -212,7 +212,7 @@ def momentum_step_(params, grads, state1, absmax1, qmaps, blocksize, lr, step, g
 @implements("rmsprop_step_", None)
 def rmsprop_step_(params, grads, state1, absmax1, qmaps, blocksize, lr, step, gnorm_scale, unorm_out, alpha, eps,
                   weight_decay, max_unorm, skip_zeros):
-    _optim_ops.check_group(params, grads, [state1], lr, step, gnorm_scale)
+    _optim_ops.check_op("rmsprop_step_", locals())  # first statement: locals() are the arguments
     for i, p, g, io in _iter_group(params, grads, [state1], [absmax1], qmaps, (1,), blocksize):
         rule = _rmsprop_rule(alpha, eps, weight_decay)
         _step_tensor(p, g, io, rule, f32(lr[i]), gnorm_scale[i], skip_zeros, max_unorm, f32(eps), 1.0,
@@ -222,7 +222,7 @@ def rmsprop_step_(params, grads, state1, absmax1, qmaps, blocksize, lr, step, gn
 @implements("adagrad_step_", None)
 def adagrad_step_(params, grads, state1, absmax1, qmaps, blocksize, lr, step, gnorm_scale, eps, weight_decay, lr_decay,
                   skip_zeros):
-    _optim_ops.check_group(params, grads, [state1], lr, step, gnorm_scale)
+    _optim_ops.check_op("adagrad_step_", locals())  # first statement: locals() are the arguments
     for i, p, g, io in _iter_group(params, grads, [state1], [absmax1], qmaps, (1,), blocksize):
         rule = _adagrad_rule(eps, weight_decay)
         k = f32(lr[i] / (1.0 + (step[i] - 1) * lr_decay))

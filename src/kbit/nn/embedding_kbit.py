@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as TF
 
+from .. import _checks
 from ..functional import dequantize_4bit
 from .params4bit import Params4bit
 from .weight4bit import Weight4bitMixin
@@ -35,6 +36,7 @@ class Embedding4bit(Weight4bitMixin, torch.nn.Embedding):
         return (self.num_embeddings, self.embedding_dim)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        _checks.indices(input)
         weight = self._ensure_quantized()
         state = weight.quant_state
         dim = self.embedding_dim
@@ -89,6 +91,7 @@ class Embedding8bit(torch.nn.Embedding):
         return super()._apply(fn, recurse)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        _checks.indices(input)
         if self.SCB is None:
             self._quantize()
         rows = TF.embedding(input, self.weight).float()
@@ -99,16 +102,32 @@ class Embedding8bit(torch.nn.Embedding):
                               error_msgs):
         weight = state_dict.get(prefix + "weight")
         scb = state_dict.get(prefix + "SCB")
-        if weight is not None and weight.dtype == torch.int8:
-            if scb is None or tuple(scb.shape) != (self.num_embeddings,) or tuple(weight.shape) != tuple(self.weight.shape):
-                error_msgs.append(f"While loading {prefix}weight: an int8 table needs SCB with one scale per row "
-                                  f"and shape {tuple(self.weight.shape)}")
+        shape = (self.num_embeddings, self.embedding_dim)
+        old = self.weight, self.SCB
+        if weight is not None:
+            problem = None
+            if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != shape:
+                problem = f"the table must have shape {shape} (got {tuple(getattr(weight, 'shape', ()))})"
+            elif weight.dtype == torch.int8:
+                if (not isinstance(scb, torch.Tensor) or tuple(scb.shape) != (self.num_embeddings,)
+                        or not scb.is_floating_point()):
+                    problem = f"an int8 table needs SCB: {self.num_embeddings} float scales, one per row"
+            elif not weight.is_floating_point():
+                problem = f"the table must be int8 (with SCB) or float (got {weight.dtype})"
+            if problem is not None:
+                error_msgs.append(f"While loading {prefix}weight: {problem}")
                 return
-            self.weight = torch.nn.Parameter(torch.empty_like(weight, device=self.weight.device), requires_grad=False)
-            self.SCB = torch.empty_like(scb, device=self.weight.device)
-        elif weight is not None and self.SCB is not None:
-            # A float table into a quantized module: load it as float, requantize.
-            self.weight = torch.nn.Parameter(torch.empty_like(weight, device=self.weight.device), requires_grad=False)
-            self.SCB = None
+            if weight.dtype == torch.int8:
+                self.weight = torch.nn.Parameter(torch.empty_like(weight, device=self.weight.device),
+                                                 requires_grad=False)
+                self.SCB = torch.empty_like(scb, dtype=torch.float32, device=self.weight.device)
+            elif self.SCB is not None:
+                # A float table into a quantized module: load it as float, requantize.
+                self.weight = torch.nn.Parameter(torch.empty_like(weight, device=self.weight.device),
+                                                 requires_grad=False)
+                self.SCB = None
+        errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if len(error_msgs) > errors:  # nothing half-loaded
+            self.weight, self.SCB = old

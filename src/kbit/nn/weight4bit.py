@@ -40,6 +40,7 @@ class Weight4bitMixin:
                               error_msgs):
         weight_key = prefix + "weight"
         stats = {k[len(weight_key) + 1:]: v for k, v in state_dict.items() if k.startswith(weight_key + ".")}
+        old_weight, old_state = self.weight, self.quant_state
         if weight_key in state_dict:
             try:
                 new_weight = self._weight_from_checkpoint(state_dict[weight_key], stats)
@@ -52,8 +53,11 @@ class Weight4bitMixin:
             # statistics entries as unexpected: they are consumed here.
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(weight_key + ".")}
             state_dict[weight_key] = new_weight.data
+        errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if len(error_msgs) > errors:  # e.g. a wrong-shaped bias: keep the old weight, not half of a checkpoint
+            self.weight, self.quant_state = old_weight, old_state
 
     def _weight_from_checkpoint(self, data: torch.Tensor, stats: dict) -> Params4bit:
         """A quantized checkpoint (``weight`` + ``weight.absmax``/... entries) or a float weight."""

@@ -104,6 +104,18 @@ def check_name(name: str, states: int) -> None:
         raise ValueError(f"unknown {states}-state optimizer {name!r}: choose one of {', '.join(valid)}")
 
 
+#: How many betas each rule reads (SGD/LARS: momentum, dampening; RMSprop: alpha; Adagrad: none).
+BETAS_USED = {"adam": 2, "lamb": 2, "ademamix": 3, "lion": 2, "momentum": 2, "lars": 2, "rmsprop": 1, "adagrad": 0}
+
+
+def check_betas(name: str, betas) -> None:
+    """betas must be numbers, at least as many as the rule reads (a short tuple would fail inside step())."""
+    need = BETAS_USED[name]
+    if (not isinstance(betas, (tuple, list)) or len(betas) < need
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)):
+        raise ValueError(f"{name} needs betas: a tuple of at least {need} numbers (got {betas!r})")
+
+
 def ademamix_schedule(config: dict, step: int) -> tuple[float, float]:
     """AdEMAMix's alpha and beta3 at ``step`` (Pagliardini et al. 2024, Algorithm 1): alpha ramps up
     linearly over t_alpha steps; beta3 moves from beta1 to beta3 over t_beta3 steps along the half-life

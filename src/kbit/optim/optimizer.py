@@ -371,6 +371,7 @@ class Optimizer2State(Optimizer8bit):
         betas = _parse_betas(betas)
         _check_hyperparameters(lr, eps, betas, weight_decay)
         families.check_name(optimizer_name, states=2)
+        families.check_betas(optimizer_name, betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha, t_alpha=t_alpha,
                         t_beta3=t_beta3)
         super().__init__(params, defaults, optim_bits, is_paged)
@@ -391,6 +392,7 @@ class Optimizer1State(Optimizer8bit):
         betas = _parse_betas(betas)
         _check_hyperparameters(lr, eps, betas, weight_decay, optimizer_name)
         families.check_name(optimizer_name, states=1)
+        families.check_betas(optimizer_name, betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, optim_bits, is_paged)
         self.args = _make_args(args, optim_bits, min_8bit_size, percentile_clipping, block_wise, max_unorm, skip_zeros)

@@ -102,6 +102,23 @@ def validate(family: families.Family, p: torch.Tensor, st: dict, where: str) -> 
                     f"{key} must be {size} float32 value(s)")
 
 
+def validate_group(name: str, group: dict, where: str) -> None:
+    """A loaded group's hyper-parameters must be numbers in range: a string or a short betas tuple would
+    otherwise fail (or compute nonsense) only at the next step()."""
+    for key in ("lr", "eps", "weight_decay"):
+        if key in group:
+            v = group[key]
+            if isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point():  # a tensor lr
+                v = float(v)
+            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and v >= 0  # NaN fails v >= 0
+            _expect(ok, where, f"{key} must be a non-negative number (got {v!r})")
+    if "betas" in group:
+        try:
+            families.check_betas(name, group["betas"])
+        except ValueError as exc:
+            _expect(False, where, str(exc))
+
+
 def _cast(p: torch.Tensor, st: dict, move_to_device: bool) -> dict:
     out = {}
     for key, value in st.items():
@@ -138,9 +155,11 @@ def load_into(optimizer, state_dict: dict, move_to_device: bool) -> None:
         else:
             state[key] = value
     param_groups = [dict(saved, params=group["params"]) for saved, group in zip(saved_groups, groups)]
-    for group in param_groups:
+    for index, group in enumerate(param_groups):
         if "betas" in group:
+            _expect(isinstance(group["betas"], (tuple, list)), f"param group {index}", "betas must be a tuple")
             group["betas"] = tuple(group["betas"])
+        validate_group(optimizer.optimizer_name, group, f"param group {index}")
     optimizer.__setstate__({"state": state, "param_groups": param_groups})
 
 
