@@ -22,6 +22,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +135,16 @@ def isolated(tmp_path, monkeypatch):
     kbit.optim.GlobalOptimManager.get_instance().initialize()
 
 
+def _failing_line(block: Block, exc: BaseException) -> str:
+    """' at line N: <source>' for the innermost frame of the example itself."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == str(block.path)]
+    if not frames:
+        return ""
+    n = frames[-1].lineno
+    source = block.code.splitlines()[n - block.line - 1].strip() if 0 < n - block.line <= len(block.code.splitlines()) else ""
+    return f" at line {n}: {source}"
+
+
 def _run_script(block: Block, tmp_path: Path) -> None:
     script = tmp_path / "example.py"
     script.write_text(block.code, encoding="utf-8")
@@ -168,7 +179,7 @@ def test_python_example_runs(block: Block, isolated):
         try:
             exec(compile(code, str(block.path), "exec"), {"__name__": "__doc_example__"})
         except Exception as exc:
-            raise AssertionError(f"{block.where} failed: {type(exc).__name__}: {exc}") from exc
+            raise AssertionError(f"{block.where} failed{_failing_line(block, exc)}: {type(exc).__name__}: {exc}") from exc
     elapsed = time.perf_counter() - t0
     assert elapsed < SLOW_BLOCK_SECONDS, (
         f"{block.where} took {elapsed:.1f} s; examples should take well under 2 s (use smaller sizes)")
