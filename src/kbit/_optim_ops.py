@@ -96,13 +96,15 @@ def check_group(params, grads, states, lr, step, gnorm_scale, rows=None, absmaxe
         return
     if len(states) != len(rows):
         _fail(f"this op takes {len(rows)} state lists (got {len(states)})")
-    eight_bit = states[0][0].dtype == torch.uint8
-    state_dtype = torch.uint8 if eight_bit else torch.float32
+    state_dtype = states[0][0].dtype
+    if state_dtype not in (torch.uint8, torch.float32):
+        raise TypeError(f"optimizer states must be uint8 (8-bit) or float32 (32-bit), got {state_dtype}")
+    eight_bit = state_dtype == torch.uint8
     for j, r in enumerate(rows):
         for i, (p, s) in enumerate(zip(params, states[j])):
             if s.dtype != state_dtype:
-                raise TypeError(f"state{j + 1} of parameter {i} is {s.dtype}: the states of a group must all be "
-                                f"{'uint8 (8-bit)' if eight_bit else 'float32 (32-bit)'}")
+                raise TypeError(f"state{j + 1} of parameter {i} is {s.dtype}: every state of a group must have the "
+                                f"same dtype ({state_dtype})")
             if s.numel() != r * p.numel() or s.device != device:
                 _fail(f"state{j + 1} of parameter {i} has {s.numel()} values on {s.device}; it needs {r} x "
                       f"{p.numel()} on {device} (the state does not belong to this parameter)")

@@ -29,7 +29,7 @@ from .formats import (
     create_normal_map,
     get_4bit_type,
 )
-from .quant_state import QuantState, pack_dict_to_tensor, unpack_tensor_to_dict
+from .quant_state import QuantState, check_4bit_state, pack_dict_to_tensor, unpack_tensor_to_dict
 
 __all__ = [
     "QuantState",
@@ -214,10 +214,7 @@ def dequantize_4bit(
         quant_state = QuantState(absmax=absmax, shape=out.shape, dtype=out.dtype,
                                  blocksize=DEFAULT_BLOCKSIZE_4BIT if blocksize is None else blocksize,
                                  quant_type=quant_type)
-    if not isinstance(quant_state, QuantState):
-        raise TypeError(f"quant_state must be a kbit.functional.QuantState, got {type(quant_state).__name__}")
-    if quant_state.shape is None:
-        raise ValueError("quant_state.shape is None: this is not a 4-bit QuantState (use dequantize_blockwise)")
+    check_4bit_state(quant_state)
     _checks.float_dtype(quant_state.dtype, "quant_state.dtype")
     scale = _absmax_of(quant_state)
     args = (A, scale, quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), quant_state.dtype)

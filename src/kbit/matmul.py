@@ -14,6 +14,7 @@ import torch
 from . import _checks
 from .formats import NESTED_BLOCKSIZE_4BIT
 from .functional import QuantState, dequantize_4bit, dequantize_blockwise
+from .quant_state import check_4bit_state
 
 __all__ = ["matmul_4bit", "gemv_4bit", "MatMul4Bit"]
 
@@ -33,9 +34,8 @@ def _scale_args(quant_state: QuantState) -> dict:
 def _check_state(quant_state) -> None:
     if quant_state is None:
         raise ValueError("quant_state is required: it comes from quantize_4bit() or the Params4bit weight")
-    if not isinstance(quant_state, QuantState):
-        raise TypeError(f"quant_state must be a kbit QuantState, got {type(quant_state).__name__}")
-    if quant_state.shape is None or len(quant_state.shape) != 2:
+    check_4bit_state(quant_state)
+    if len(quant_state.shape) != 2:
         raise ValueError(f"matmul_4bit: quant_state.shape must be 2-D [N, K], got {quant_state.shape}")
 
 

@@ -15,7 +15,7 @@ import torch
 from . import _checks
 from .formats import BLOCKSIZES_4BIT, QUANT_TYPES_4BIT
 
-__all__ = ["QuantState", "pack_dict_to_tensor", "unpack_tensor_to_dict"]
+__all__ = ["QuantState", "check_4bit_state", "pack_dict_to_tensor", "unpack_tensor_to_dict"]
 
 # Note [untrusted quant_state]
 # A blob is a few hundred bytes (7 small fields); anything far larger is not one of ours and is rejected
@@ -59,6 +59,26 @@ def unpack_tensor_to_dict(t: torch.Tensor) -> dict:
     if not isinstance(d, dict):
         raise ValueError(f"packed quant_state must hold a JSON object (got {type(d).__name__})")
     return d
+
+
+def check_4bit_state(state: Any) -> None:
+    """A QuantState handed to a 4-bit op must be self-consistent (the ops then check it against the data):
+    a 4-bit quant_type and block size, a shape, a 16-entry code if any, and for double quantization uint8
+    absmax codes, a scalar float32 offset and a nested QuantState."""
+    if not isinstance(state, QuantState):
+        raise TypeError(f"quant_state must be a kbit.functional.QuantState, got {type(state).__name__}")
+    if state.shape is None:
+        raise ValueError("quant_state.shape is None: this is not a 4-bit QuantState (use dequantize_blockwise)")
+    _checks.quant_type(state.quant_type)
+    _checks.blocksize_4bit(state.blocksize)
+    if state.code is not None and (not isinstance(state.code, torch.Tensor) or state.code.numel() != 16):
+        raise ValueError(f"a 4-bit quant_state's code must hold 16 values (got {getattr(state.code, 'shape', state.code)!r})")
+    if state.nested:
+        if not isinstance(state.state2, QuantState):
+            raise TypeError(f"quant_state.state2 must be a QuantState, got {type(state.state2).__name__}")
+        off = state.offset
+        if not isinstance(off, torch.Tensor) or off.numel() != 1 or off.dtype != torch.float32:
+            raise ValueError(f"a double-quantized quant_state needs offset: a float32 scalar tensor (got {off!r})")
 
 
 class QuantState:
