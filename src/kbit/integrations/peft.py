@@ -150,7 +150,8 @@ def merge_to_float(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) 
 
     Args:
         model: a ``PeftModel`` (or a model with PEFT LoRA layers injected).
-        dtype: dtype of the new linear layers (default: the dtype each weight was quantized from).
+        dtype: cast every parameter of the copy to this dtype (default: each new linear layer takes the dtype its
+            weight was quantized from, and the other parameters keep theirs).
 
     Returns:
         The base model type (e.g. ``LlamaForCausalLM``) with no PEFT or kbit layers and no quantization
@@ -190,6 +191,12 @@ def merge_to_float(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) 
         merged.set_submodule(name, new)
     replace_4bit_with_linear(merged, dtype)
     _drop_quantization_marks(merged)
+    if dtype is not None:
+        # Parameters only: Module.to(dtype) would also round float buffers such as rotary-embedding
+        # frequencies, which transformers keeps in float32 when it loads a model in a lower precision.
+        for param in merged.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
     return merged
 
 
