@@ -1,7 +1,7 @@
 """kbit.optim: 32-bit and 8-bit optimizers with bitsandbytes' API and state format.
 
 Every optimizer comes as ``Name`` (``optim_bits`` chooses), ``Name8bit``, ``Name32bit`` and, where
-bitsandbytes has them, ``PagedName*``. State is updated by fused native kernels on CPU (one pass over
+bitsandbytes has them, ``PagedName*`` (on CPU their state lives in memory-mapped files: paged.py). State is updated by fused native kernels on CPU (one pass over
 memory per parameter) and by the pure-PyTorch reference on other devices.
 """
 
@@ -26,6 +26,7 @@ from .lars import LARS, LARS8bit, LARS32bit, PytorchLARS
 from .lion import Lion, Lion8bit, Lion32bit, PagedLion, PagedLion8bit, PagedLion32bit
 from .manager import GlobalOptimManager
 from .optimizer import MockArgs, Optimizer1State, Optimizer2State, Optimizer8bit
+from .paged import get_paged_state_dir, set_paged_state_dir
 from .rmsprop import RMSprop, RMSprop8bit, RMSprop32bit
 from .sgd import SGD, SGD8bit, SGD32bit
 
@@ -37,7 +38,7 @@ __all__ = [
     "LAMB", "LAMB8bit", "LAMB32bit",
     "LARS", "LARS8bit", "LARS32bit", "PytorchLARS",
     "Lion", "Lion8bit", "Lion32bit", "PagedLion", "PagedLion8bit", "PagedLion32bit",
-    "GlobalOptimManager", "MockArgs", "Optimizer8bit", "Optimizer2State", "Optimizer1State",
+    "GlobalOptimManager", "get_paged_state_dir", "set_paged_state_dir", "MockArgs", "Optimizer8bit", "Optimizer2State", "Optimizer1State",
     "RMSprop", "RMSprop8bit", "RMSprop32bit",
     "SGD", "SGD8bit", "SGD32bit",
 ]

@@ -20,7 +20,7 @@ import torch
 
 from .. import functional as F
 from ..formats import OPTIMIZER_BLOCKSIZE_8BIT
-from . import families, state_layout
+from . import distributed, families, paged, state_layout
 from .manager import GlobalOptimManager
 
 
@@ -146,33 +146,43 @@ class Optimizer8bit(torch.optim.Optimizer):
         if bits not in (8, 32):
             raise NotImplementedError(f"Amount of optimizer bits not supported: {bits}")
         eight_bit = bits == 8 and p.numel() >= config["min_8bit_size"]
-        if self.is_paged:
-            self._warn_paged()
+        if self.is_paged and p.device.type != "cpu":
+            self._warn_paged(p.device)
         state = self.state[p]
         state["step"] = 0
         family = self._family()
+        local = distributed.local(p)  # a DTensor's own shard (Note [sharded state] in distributed.py)
+        zeros = self._state_allocator(p)
         for j, rows in enumerate(family.rows):
-            shape = (rows, *p.shape) if rows > 1 else p.shape
+            shape = (rows, *local.shape) if rows > 1 else local.shape
             name = f"state{j + 1}"
             if eight_bit:
-                state[name] = torch.zeros(shape, dtype=torch.uint8, device=p.device)
+                state[name] = zeros(shape, torch.uint8)
                 state[f"qmap{j + 1}"] = self._qmap("dynamic" if family.signed[j] else "udynamic", p.device)
                 if config["block_wise"]:
-                    blocks = -(-p.numel() // OPTIMIZER_BLOCKSIZE_8BIT)
-                    state[f"absmax{j + 1}"] = torch.zeros((rows, blocks) if rows > 1 else (blocks,),
-                                                          dtype=torch.float32, device=p.device)
+                    blocks = -(-local.numel() // OPTIMIZER_BLOCKSIZE_8BIT)
+                    state[f"absmax{j + 1}"] = zeros((rows, blocks) if rows > 1 else (blocks,), torch.float32)
                 else:
                     state[f"max{j + 1}"] = torch.zeros((rows,), dtype=torch.float32, device=p.device)
                     state[f"new_max{j + 1}"] = torch.zeros((rows,), dtype=torch.float32, device=p.device)
             else:
-                state[name] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                state[name] = zeros(shape, torch.float32)
         initial = group.get("initial_accumulator_value", 0.0)
         if initial:
-            self._fill_state1(state, p, float(initial), config)
+            self._fill_state1(state, local, float(initial), config)
+        if local is not p:
+            distributed.wrap_state(state, p, OPTIMIZER_BLOCKSIZE_8BIT, zeros)
         if config["max_unorm"] > 0.0:
             state["unorm_vec"] = torch.zeros((1,), dtype=torch.float32, device=p.device)
         if config["percentile_clipping"] < 100:
             state["gnorm_vec"] = torch.zeros((100,), dtype=torch.float32, device=p.device)
+
+    def _state_allocator(self, p: torch.Tensor):
+        """``zeros(shape, dtype)`` for the large states of ``p``: file-backed when paged (paged.py), else ordinary."""
+        if self.is_paged and paged.pages(p):
+            return paged.zeros
+        device = p.device
+        return lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=device)
 
     def _fill_state1(self, state: dict, p: torch.Tensor, value: float, config: dict) -> None:
         """Adagrad's initial accumulator: every element of state1 starts at ``value``."""
@@ -186,11 +196,12 @@ class Optimizer8bit(torch.optim.Optimizer):
         (state["absmax1"] if "absmax1" in state else state["max1"]).copy_(qs.absmax.view(-1)[:1] if "max1" in state
                                                                           else qs.absmax)
 
-    def _warn_paged(self) -> None:
+    def _warn_paged(self, device: torch.device) -> None:
         if not self._paged_warned:
             warnings.warn(
-                "kbit: paged optimizer state is not implemented yet on this device; the state is kept in "
-                "ordinary memory (training results are identical, memory use is not reduced).",
+                f"kbit: paged optimizer state is implemented on CPU only (memory-mapped files, kbit/optim/paged.py); "
+                f"on {device.type} the state is kept in ordinary device memory and updated by the reference ops "
+                "(training results are identical, memory use is not reduced).",
                 stacklevel=_caller_stacklevel(),
             )
             self._paged_warned = True
@@ -265,6 +276,10 @@ class Optimizer8bit(torch.optim.Optimizer):
         gnorm_scale = 1.0
         if config["percentile_clipping"] < 100:
             gnorm_scale = percentile_clipping(grad, state, config["percentile_clipping"])
+        if distributed.is_sharded(p):  # FSDP2: the kernels update this rank's shard (distributed.py)
+            distributed.check_sharded_config(type(self).__name__, config)
+            p, grad = p.to_local(), grad.to_local()
+            state = distributed.local_state(state, p)
         return families.prepare(self._family(), p, grad, state, config, gnorm_scale)
 
     # ---- checkpoints -------------------------------------------------------------------------------
@@ -284,6 +299,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 state_layout.share_qmaps(self.state.get(p, {}), self)
+                if self.is_paged and p in self.state and paged.pages(p):
+                    paged.page_state(self.state[p])  # loaded states go back into files
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -334,7 +351,7 @@ def percentile_clipping(grad: torch.Tensor, state: dict, percentile: int) -> flo
         raise ValueError(f"percentile_clipping must be in 1..100 (got {percentile})")
     step = int(state["step"])
     gnorm_vec = state["gnorm_vec"]
-    norm_sq = float(torch.linalg.vector_norm(grad, dtype=torch.float32) ** 2)
+    norm_sq = distributed.sq_norm(grad)  # of the whole gradient, also when sharded
     if not math.isfinite(norm_sq):
         return 1.0
     if step == 1 or state.pop("_gnorm_fresh", False):  # an empty history starts full of the first norm

@@ -18,7 +18,7 @@ from itertools import chain
 
 import torch
 
-from . import families
+from . import distributed, families
 
 WRAPPED_KEY = "__bnb_optimizer_quant_state__"
 NON_CASTABLE_KEYS = ("qmap1", "qmap2", "max1", "max2", "new_max1", "new_max2", "state1", "state2", "gnorm_vec",
@@ -81,7 +81,10 @@ def validate(family: families.Family, p: torch.Tensor, st: dict, where: str) -> 
                     f"qmap{j} must be 256 float32 values")
             _expect(not bool(torch.isnan(q).any()) and not bool((q[1:] < q[:-1]).any()), where,
                     f"qmap{j} must be sorted and free of NaN")
-            if f"absmax{j}" in st:
+            if distributed.is_sharded(p):
+                problem = distributed.check_scales(p, st, j, rows)
+                _expect(problem is None, where, str(problem))
+            elif f"absmax{j}" in st:
                 a = st[f"absmax{j}"]
                 _expect(isinstance(a, torch.Tensor) and a.dtype == torch.float32, where, f"absmax{j} must be float32")
                 _expect(a.dim() == (2 if rows > 1 else 1) and (rows == 1 or a.shape[0] == rows), where,

@@ -1,0 +1,310 @@
+"""kbit optimizers on sharded (DTensor) parameters: FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+Note [sharded state]
+A step works on the *local shard* of each DTensor parameter (``p.to_local()``, ``grad.to_local()``): the
+fused kernels see ordinary tensors and every rank quantizes its own shard, in blocks that start at the
+shard's first element, so a block never straddles two ranks. The state is kept as DTensors so that
+``torch.distributed.checkpoint`` (DCP) saves and loads each rank's piece:
+
+- ``state1``/``state2`` have the parameter's global shape (AdEMAMix's ``state1`` a leading 2) and its
+  placements: the codes of rank r are exactly the codes of rank r's elements.
+- ``absmax1``/``absmax2`` (and tensor-wise ``max``/``new_max``) hold one scale per block *of the local
+  shard*. Shards are not all the same size (``torch.chunk`` gives the last ranks fewer rows, possibly
+  none), while DCP lays out DTensors in equal chunks; so every rank keeps ``B_max`` scales, the block
+  count of the largest shard, and uses the first ``ceil(local numel / 256)`` of them (the rest stay 0).
+  The global absmax is ``(S * B_max,)`` sharded on its last dimension, S = the number of shards.
+
+Consequences for checkpoints (docs/distributed.md): a DCP checkpoint loads exactly on the same sharding
+(any process count with the same shard layout); on a different number of shards the codes of state1/2
+reshard exactly but the scales do not line up with the new blocks, so :func:`reshard_optimizer_state`
+converts them — exactly when every old shard boundary falls on a multiple of 256 elements, otherwise by
+dequantizing and requantizing (each value within half a quantization step of the new code).
+
+Rules that need whole-parameter norms get them by all-reducing over the shard group: percentile clipping
+(the gradient norm). The LAMB/LARS trust ratio is computed inside the fused kernels from the local shard
+only, so ``max_unorm > 0`` on a sharded parameter raises (see :func:`check_sharded_config`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .. import functional as F
+from ..formats import OPTIMIZER_BLOCKSIZE_8BIT
+
+try:  # torch.distributed is optional (some builds lack it)
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # pragma: no cover
+    dist = None
+    DTensor = None
+
+#: Keys holding one scale per block (or per tensor) of a state: laid out per shard (Note [sharded state]).
+SCALE_KEYS = ("absmax1", "absmax2", "max1", "max2", "new_max1", "new_max2")
+ELEMENT_KEYS = ("state1", "state2")
+
+
+def is_sharded(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a view sharing its memory), or ``t`` itself."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def _shard_mesh_dims(p) -> list[int]:
+    return [i for i, pl in enumerate(p.placements) if pl.is_shard()]
+
+
+def _max_local_numel(p) -> int:
+    """Elements of the largest local shard of ``p`` (torch.chunk sizes, placement by placement)."""
+    shape = list(p.shape)
+    for i, pl in enumerate(p.placements):
+        if pl.is_shard():
+            d = pl.dim
+            shape[d] = -(-shape[d] // p.device_mesh.size(i))
+    return math.prod(shape)
+
+
+def _num_shards(p) -> int:
+    return math.prod(p.device_mesh.size(i) for i in _shard_mesh_dims(p))
+
+
+def padded_scales(p, key: str, blocksize: int) -> int:
+    """Scales every rank keeps for ``key`` of a sharded ``p`` (B_max of Note [sharded state])."""
+    if key.startswith("absmax"):
+        return -(-_max_local_numel(p) // blocksize)
+    return 1
+
+
+def check_scales(p, st: dict, j: int, rows: int) -> str | None:
+    """Why the scales of state ``j`` of a sharded ``p`` do not fit its sharding (None if they do)."""
+    for key in (f"absmax{j}", f"max{j}", f"new_max{j}"):
+        if key not in st:
+            continue
+        a = st[key]
+        width = padded_scales(p, key, OPTIMIZER_BLOCKSIZE_8BIT) * _num_shards(p)
+        shape = (rows, width) if rows > 1 and key.startswith("absmax") else (rows * width,)
+        if not is_sharded(a) or tuple(a.shape) != shape or a.dtype != torch.float32:
+            return (f"{key} must be a float32 DTensor of shape {shape} for this sharding (got "
+                    f"{type(a).__name__} {tuple(a.shape)}): a checkpoint from a different number of shards needs "
+                    "kbit.optim.distributed.reshard_optimizer_state (docs/distributed.md)")
+    if f"absmax{j}" not in st and f"max{j}" not in st:
+        return f"8-bit state needs absmax{j} or max{j}"
+    return None
+
+
+def check_sharded_config(name: str, config: dict) -> None:
+    if config["max_unorm"] > 0.0:
+        raise ValueError(
+            f"{name}: max_unorm > 0 (the LAMB/LARS trust ratio) needs the norms of whole parameters, but under FSDP2 "
+            "each rank holds a shard and the fused kernel sees only that shard, so the ratio would differ per rank. "
+            "It is not supported on sharded (DTensor) parameters: set max_unorm=0, or keep these parameters "
+            "unsharded (e.g. fully_shard(..., ignored_params=...) or DDP)."
+        )
+
+
+def wrap_state(state: dict, p, blocksize: int, zeros) -> None:
+    """Turn the freshly made local state of a sharded ``p`` into DTensors (Note [sharded state]).
+    ``zeros(shape, dtype)`` allocates the padded scale tensors (paged or not, as the optimizer's state)."""
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    for key in ELEMENT_KEYS:
+        if key in state:
+            t = state[key]
+            extra = t.dim() - p.dim()  # AdEMAMix's leading 2
+            pl = tuple(Shard(x.dim + extra) if x.is_shard() else x for x in placements)
+            shape = tuple(t.shape[:extra]) + tuple(p.shape)
+            state[key] = DTensor.from_local(t, mesh, pl, run_check=False, shape=torch.Size(shape),
+                                            stride=_contiguous_stride(shape))
+    shards = _num_shards(p)
+    for key in SCALE_KEYS:
+        if key in state:
+            t = state[key]
+            width = padded_scales(p, key, blocksize)
+            lead = tuple(t.shape[:-1]) if t.dim() > 1 else ()
+            padded = zeros(lead + (width,), t.dtype)
+            padded[..., : t.shape[-1]].copy_(t)
+            last = len(lead)
+            pl = tuple(Shard(last) if x.is_shard() else Replicate() for x in placements)
+            shape = lead + (width * shards,)
+            state[key] = DTensor.from_local(padded, mesh, pl, run_check=False, shape=torch.Size(shape),
+                                            stride=_contiguous_stride(shape))
+
+
+def _contiguous_stride(shape) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for s in reversed(shape):
+        stride.append(acc)
+        acc *= s
+    return tuple(reversed(stride))
+
+
+def local_state(state: dict, lp: torch.Tensor) -> dict:
+    """The state a kernel updates for the local shard ``lp``: local views of the DTensors, scales cut to
+    the shard's own block count (views; a non-contiguous one is written back by the CPU backend)."""
+    out = {}
+    for key, value in state.items():
+        if is_sharded(value):
+            value = value.to_local()
+            if key in SCALE_KEYS:
+                if key.startswith("absmax"):
+                    blocksize = OPTIMIZER_BLOCKSIZE_8BIT
+                    value = value[..., : -(-lp.numel() // blocksize)]
+                else:
+                    value = value[..., :1].reshape(-1)
+        out[key] = value
+    return out
+
+
+def sq_norm(grad: torch.Tensor) -> float:
+    """Squared float32 norm of a gradient; for a sharded one, of the whole gradient (all-reduced)."""
+    if not is_sharded(grad):
+        return float(torch.linalg.vector_norm(grad, dtype=torch.float32) ** 2)
+    part = torch.linalg.vector_norm(grad.to_local(), dtype=torch.float32) ** 2
+    part = part.reshape(1)
+    for i in _shard_mesh_dims(grad):
+        dist.all_reduce(part, group=grad.device_mesh.get_group(i))
+    return float(part[0])
+
+
+# ---- checkpoints across shard counts ----------------------------------------------------------------------
+def reshard_optimizer_state(state_dict: dict, param_shapes: dict[Any, tuple], from_shards: int, to_shards: int,
+                            blocksize: int = OPTIMIZER_BLOCKSIZE_8BIT) -> dict[str, Any]:
+    """Convert a *full* optimizer state dict written with ``from_shards`` shards to ``to_shards`` shards.
+
+    ``state_dict`` is a kbit optimizer state dict with full (not DTensor) tensors, e.g. from
+    ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save`` or ``get_state_dict(...,
+    options=StateDictOptions(full_state_dict=True))``; ``param_shapes`` maps each state key (FQN or index)
+    to its parameter's global shape; shards split dim 0 as FSDP2 does (``torch.chunk``). A count of 1 is
+    an unsharded parameter (DDP or no wrapper), whose scales are not padded.
+
+    Element states (state1/state2: codes or float32) are copied unchanged (exact). The 8-bit scales are
+    rebuilt for the new blocks: when every block of the new layout lies inside one old shard and starts
+    at the same offset within an old block, old scales are reused and the result is exact; otherwise each
+    state is dequantized with its old blocks and requantized with the new ones (each value then differs
+    from the saved one by at most half a quantization step of its new block). Returns a new dict and a
+    report ``{"exact": [...], "requantized": [...]}`` under ``"__reshard__"`` (pop it before loading).
+    """
+    out = dict(state_dict)
+    out["state"] = {}
+    report = {"exact": [], "requantized": []}
+    for key, pst in state_dict["state"].items():
+        pst = dict(pst)
+        inner_key = next((k for k, v in pst.items() if isinstance(v, dict)), None)
+        inner = dict(pst[inner_key]) if inner_key is not None else pst
+        if key not in param_shapes:
+            raise KeyError(f"reshard_optimizer_state: no parameter shape given for state {key!r}")
+        shape = tuple(param_shapes[key])
+        if "absmax1" in inner or "max1" in inner:
+            exact = _reshard_scales(inner, shape, from_shards, to_shards, blocksize)
+            report["exact" if exact else "requantized"].append(key)
+        if inner_key is not None:
+            pst[inner_key] = inner
+        out["state"][key] = pst
+    out["__reshard__"] = report
+    return out
+
+
+def _shard_ranges(shape: tuple, shards: int) -> list[tuple[int, int]]:
+    """Element ranges [lo, hi) of each shard of a parameter split on dim 0 like torch.chunk / FSDP2."""
+    rows = shape[0] if shape else 1
+    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    chunk = -(-rows // shards) if rows else 0
+    out = []
+    for r in range(shards):
+        lo = min(r * chunk, rows)
+        hi = min((r + 1) * chunk, rows)
+        out.append((lo * row, hi * row))
+    return out
+
+
+def _blocks(shape, shards: int, blocksize: int | None) -> tuple[list[tuple[int, int, int]], int]:
+    """The quantization blocks of a parameter split into ``shards`` (1: unsharded): (start, end, scale index)
+    in flat element offsets, and the width of the scale vector (per-shard padding included). ``blocksize``
+    None: one scale per shard (tensor-wise ``max``)."""
+    n = math.prod(shape)
+    ranges = _shard_ranges(shape, shards) if shards > 1 else [(0, n)]
+    size = lambda lo, hi: (hi - lo) if blocksize is None else blocksize  # noqa: E731
+    used = [(-(-(hi - lo) // size(lo, hi)) if hi > lo else 0) if blocksize is not None else 1 for lo, hi in ranges]
+    width = max(used) if shards > 1 else used[0]
+    blocks = []
+    for r, (lo, hi) in enumerate(ranges):
+        for b in range(used[r] if hi > lo else 0):
+            start = lo + b * size(lo, hi)
+            blocks.append((start, min(start + size(lo, hi), hi), r * width + b))
+    return blocks, width * len(ranges)
+
+
+def _scale_index(shape, shards: int, blocksize: int | None) -> torch.Tensor:
+    """For every element, the index of its scale in a layout of ``shards`` shards."""
+    n = math.prod(shape)
+    ranges = _shard_ranges(shape, shards) if shards > 1 else [(0, n)]
+    _, width = _blocks(shape, shards, blocksize)
+    width //= len(ranges)
+    idx = torch.empty(n, dtype=torch.long)
+    for r, (lo, hi) in enumerate(ranges):
+        within = torch.arange(hi - lo) // blocksize if blocksize is not None else torch.zeros(hi - lo, dtype=torch.long)
+        idx[lo:hi] = r * width + within
+    return idx
+
+
+def _quantize_into(values, codes, scales, shape, shards: int, blocksize: int | None, qmap) -> None:
+    """Quantize one row of float32 ``values`` shard by shard, in blocks starting at each shard's first element."""
+    n = math.prod(shape)
+    ranges = _shard_ranges(shape, shards) if shards > 1 else [(0, n)]
+    width = scales.numel() // len(ranges)
+    for r, (lo, hi) in enumerate(ranges):
+        if hi == lo:
+            continue
+        x = values[lo:hi]
+        if blocksize is not None:
+            q, qs = F.quantize_blockwise(x.contiguous(), code=qmap, blocksize=blocksize)
+            codes[lo:hi] = q.reshape(-1)
+            a = qs.absmax.reshape(-1)
+            scales[r * width: r * width + a.numel()] = a
+        else:  # one scale per shard: nearest code of x / max|x|
+            m = x.abs().max()
+            scales[r * width] = m
+            normed = x / m if m > 0 else torch.zeros_like(x)
+            codes[lo:hi] = (normed[:, None] - qmap[None, :]).abs().argmin(dim=1).to(torch.uint8)
+
+
+def _reshard_scales(st: dict, shape: tuple, from_shards: int, to_shards: int, blocksize: int) -> bool:
+    """Rewrite one parameter's 8-bit states for ``to_shards``; True if no value had to be requantized."""
+    n = math.prod(shape)
+    exact = True
+    for j in (1, 2):
+        skey = f"state{j}"
+        if skey not in st or st[skey].dtype != torch.uint8:
+            continue
+        akey = f"absmax{j}" if f"absmax{j}" in st else f"max{j}"
+        bs = blocksize if akey.startswith("absmax") else None
+        codes, scales, qmap = st[skey], st[akey], st[f"qmap{j}"]
+        rows = codes.shape[0] if codes.dim() == len(shape) + 1 else 1
+        flat_codes = codes.reshape(rows, n)
+        old_scales = scales.reshape(rows, -1)
+        old, _ = _blocks(shape, from_shards, bs)
+        new, width = _blocks(shape, to_shards, bs)
+        old_index = {(start, end): i for start, end, i in old}
+        new_scales = torch.zeros((rows, width), dtype=torch.float32)
+        new_codes = flat_codes
+        if all((start, end) in old_index for start, end, _ in new):
+            # Every new block is an old block: same elements, same scale, same codes.
+            src = torch.tensor([old_index[(start, end)] for start, end, _ in new], dtype=torch.long)
+            dst = torch.tensor([i for _, _, i in new], dtype=torch.long)
+            new_scales[:, dst] = old_scales[:, src]
+        else:
+            exact = False
+            values = qmap[flat_codes.long()] * old_scales[:, _scale_index(shape, from_shards, bs)]
+            new_codes = torch.empty_like(flat_codes)
+            for r in range(rows):
+                _quantize_into(values[r], new_codes[r], new_scales[r], shape, to_shards, bs, qmap)
+        st[skey] = new_codes.reshape(codes.shape)
+        st[akey] = new_scales if scales.dim() > 1 else new_scales.reshape(-1)
+        if f"new_max{j}" in st:
+            st[f"new_max{j}"] = st[akey].clone()
+    return exact
