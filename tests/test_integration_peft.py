@@ -191,10 +191,10 @@ def test_prepare_model_for_kbit_training(float_dir):
             assert torch.equal(param.data, packed[name.removesuffix(".weight")])  # 4-bit weights untouched
         else:
             assert param.dtype == torch.float32, name  # norms, embeddings, output head
-    assert not model.is_gradient_checkpointing
+    assert not model.is_activation_checkpointing
 
     model = kpeft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    assert model.is_gradient_checkpointing
+    assert model.is_activation_checkpointing
     ids = token_batch()
     assert model.get_input_embeddings()(ids).requires_grad  # checkpointed blocks still get a graph
 

@@ -195,6 +195,25 @@ def test_dequantize_gives_a_float_model(float_dir):
     torch.testing.assert_close(logits(model, ids), before, atol=MAX_DEQUANT_REF_ERROR[torch.float32], rtol=0)
 
 
+def test_gpt2_conv1d_layers_are_quantized_in_linear_orientation(tmp_path):
+    """GPT-2 stores its projections as Conv1D ([in, out] weights); they become Linear4bit of [out, in]."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    ref = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=256, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0)).eval()
+    ref.save_pretrained(tmp_path / "float")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float",
+                                                 quantization_config=KbitConfig(bnb_4bit_quant_type="nf4"))
+    c_attn = model.transformer.h[0].attn.c_attn
+    assert isinstance(c_attn, Linear4bit) and (c_attn.out_features, c_attn.in_features) == (192, 64)
+    ids = token_batch()
+    got = logits(model, ids)
+    assert rel_error(got, logits(ref, ids)) < MAX_REL_LOGIT_ERROR_4BIT
+    model.save_pretrained(tmp_path / "nf4")
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "nf4"), ids), got)
+
+
 # ---- bitsandbytes checkpoints ---------------------------------------------------------------------
 def test_bitsandbytes_checkpoint_written_by_kbit_loads_without_bitsandbytes(float_dir, tmp_path, monkeypatch,
                                                                          bnb_routed):
