@@ -2,21 +2,18 @@
 eval mode under inference_mode, measured in the same run. Speedup = dense time / 4-bit time (higher is
 better). Also the output error of the 4-bit layer relative to the float layer.
 
-    python benchmarks/bench_linear4bit.py [--repeats 30]
+    python benchmarks/bench_linear4bit.py [--repeats 30] [--size 4096]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _timing import format_table, median_seconds  # noqa: E402
+import kbit
 
-import kbit  # noqa: E402
+from .timing import format_table, median_seconds
 
 # (in_features, out_features, dtype, batch, target speedup)
 CASES = [
@@ -30,10 +27,12 @@ CASES = [
 ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="bench_linear4bit.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per case; the median is reported")
-    args = parser.parse_args()
+    parser.add_argument("--size", type=int, default=4096,
+                        help="scale every layer so that 4096 becomes SIZE (default 4096: the cases as listed)")
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     try:
         import bitsandbytes as bnb
@@ -41,6 +40,8 @@ def main() -> None:
         bnb = None
     rows = []
     for k, n, dtype, batch, target in CASES:
+        if args.size != 4096:  # other sizes: same shapes scaled (odd ones stay odd); targets hold at 4096 only
+            k, n, target = max(1, round(k * args.size / 4096)), max(1, round(n * args.size / 4096)), None
         dense = torch.nn.Linear(k, n, dtype=dtype).eval()
         q = kbit.nn.Linear4bit(k, n, quant_type="nf4", compress_statistics=True, compute_dtype=dtype)
         q.load_state_dict(dense.state_dict())

@@ -10,15 +10,12 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _timing import format_table, median_seconds  # noqa: E402
+import kbit
 
-import kbit  # noqa: E402
+from .timing import format_table, median_seconds
 
 
 def peak_rss_reset() -> None:
@@ -91,13 +88,13 @@ def bench(total: float, count: int, repeats: int) -> list[list[str]]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="bench_optim.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=float, nargs="*", default=[12 * 2048 * 2048],
                         help="total parameter counts to measure (default: 12 x 2048 x 2048)")
     parser.add_argument("--tensors", type=int, default=12, help="number of equal square tensors (default 12)")
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per case; the median is reported")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = []
     for total in args.params:
         rows += bench(total, args.tensors, args.repeats)

@@ -13,16 +13,14 @@ allocating (next to ``clone()``, the allocating copy).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _timing import format_table, median_seconds  # noqa: E402
+import kbit
 
-import kbit  # noqa: E402
-import kbit.functional as F  # noqa: E402
+import kbit.functional as F
+
+from .timing import format_table, median_seconds
 
 
 def cases(lib):
@@ -63,11 +61,11 @@ def cases(lib):
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="bench_quantize.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=4096, help="the tensor is size x size fp32 (default 4096)")
     parser.add_argument("--repeats", type=int, default=15, help="timed runs per case; the median is reported")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     x = torch.randn(args.size, args.size)
