@@ -114,28 +114,30 @@ class KbitConfig(QuantizationConfigMixin):
         if kwargs:
             raise TypeError(f"KbitConfig got unexpected arguments {sorted(kwargs)}")
         if quant_method != QUANT_METHOD:
-            raise ValueError(f"KbitConfig is quant_method {QUANT_METHOD!r} (got {quant_method!r}); "
-                             "for bitsandbytes checkpoints call kbit.integrations.transformers.register(bitsandbytes=True)")
+            raise ValueError(f"KbitConfig is quant_method {QUANT_METHOD!r} (got {quant_method!r}); for bitsandbytes "
+                             "checkpoints call kbit.integrations.transformers.register(bitsandbytes=True)")
         if load_in_8bit or not load_in_4bit:
-            raise ValueError("kbit quantizes weights to 4 bits only: use load_in_4bit=True (LLM.int8 needs bitsandbytes)")
+            raise ValueError("kbit quantizes weights to 4 bits only: use load_in_4bit=True "
+                             "(LLM.int8 needs bitsandbytes)")
         if bnb_4bit_quant_type not in QUANT_TYPES_4BIT:
             raise ValueError(f"bnb_4bit_quant_type must be 'nf4' or 'fp4' (got {bnb_4bit_quant_type!r})")
         if not isinstance(bnb_4bit_use_double_quant, bool):
             raise TypeError("bnb_4bit_use_double_quant must be a bool")
         if bnb_4bit_blocksize not in BLOCKSIZES_4BIT:
             raise ValueError(f"bnb_4bit_blocksize must be one of {BLOCKSIZES_4BIT} (got {bnb_4bit_blocksize!r})")
-        if llm_int8_skip_modules is not None and not (
-                isinstance(llm_int8_skip_modules, (list, tuple)) and all(isinstance(m, str) for m in llm_int8_skip_modules)):
+        skip = llm_int8_skip_modules
+        if skip is not None and not (isinstance(skip, (list, tuple)) and all(isinstance(m, str) for m in skip)):
             raise TypeError("llm_int8_skip_modules must be a list of module names")
         self.quant_method = QUANT_METHOD
         self.bnb_4bit_quant_type = bnb_4bit_quant_type
         self.bnb_4bit_compute_dtype = _dtype_arg(bnb_4bit_compute_dtype, "bnb_4bit_compute_dtype",
                                                  (torch.float32, torch.float16, torch.bfloat16), allow_none=True)
         self.bnb_4bit_use_double_quant = bnb_4bit_use_double_quant
-        self.bnb_4bit_quant_storage = _dtype_arg(torch.uint8 if bnb_4bit_quant_storage is None else bnb_4bit_quant_storage,
-                                                 "bnb_4bit_quant_storage", STORAGE_DTYPES_4BIT, allow_none=False)
+        storage = torch.uint8 if bnb_4bit_quant_storage is None else bnb_4bit_quant_storage
+        self.bnb_4bit_quant_storage = _dtype_arg(storage, "bnb_4bit_quant_storage", STORAGE_DTYPES_4BIT,
+                                                 allow_none=False)
         self.bnb_4bit_blocksize = bnb_4bit_blocksize
-        self.llm_int8_skip_modules = None if llm_int8_skip_modules is None else list(llm_int8_skip_modules)
+        self.llm_int8_skip_modules = None if skip is None else list(skip)
 
     # Read-only views that code written for BitsAndBytesConfig looks at.
     @property
