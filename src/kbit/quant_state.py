@@ -8,6 +8,7 @@ size is bounded and every field is type- and consistency-checked (Note [untruste
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Mapping
 
 import torch
@@ -248,7 +249,7 @@ class QuantState:
                 raise ValueError(f"quant_state shape must be a list of at most {MAX_SHAPE_RANK} non-negative ints (got {shape!r})")
             shape = torch.Size(shape)
         dtype = _dtype_from_name(d.get("dtype"), "dtype")
-        nested = "nested_absmax" in d
+        nested = any(k.startswith("nested_") for k in d)  # a missing nested_absmax is then named as such
         absmax = tensor("absmax", torch.uint8 if nested else torch.float32)
         code = tensor("quant_map", torch.float32)
         if absmax.dim() != 1:
@@ -283,8 +284,10 @@ class QuantState:
             raw_offset = d.get("nested_offset")
             if isinstance(raw_offset, torch.Tensor) and raw_offset.numel() == 1:
                 raw_offset = raw_offset.item()
-            if isinstance(raw_offset, bool) or not isinstance(raw_offset, (int, float)):
-                raise ValueError(f"quant_state nested_offset must be a number (got {raw_offset!r})")
+            if (isinstance(raw_offset, bool) or not isinstance(raw_offset, (int, float))
+                    or not math.isfinite(raw_offset if isinstance(raw_offset, float) else 0.0)
+                    or abs(raw_offset) > torch.finfo(torch.float32).max):
+                raise ValueError(f"quant_state nested_offset must be a finite float32 number (got {raw_offset!r:.40})")
             offset = torch.tensor(float(raw_offset), dtype=torch.float32, device=device)
             state2 = cls(absmax=nested_absmax, code=nested_code, blocksize=nested_blocksize,
                          dtype=_dtype_from_name(d.get("nested_dtype"), "nested_dtype"))

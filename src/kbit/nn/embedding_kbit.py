@@ -14,7 +14,7 @@ import torch.nn.functional as TF
 from .. import _checks
 from ..functional import dequantize_4bit
 from .params4bit import Params4bit
-from .weight4bit import Weight4bitMixin
+from .weight4bit import LoadGuard, Weight4bitMixin
 
 
 class Embedding4bit(Weight4bitMixin, torch.nn.Embedding):
@@ -103,7 +103,7 @@ class Embedding8bit(torch.nn.Embedding):
         weight = state_dict.get(prefix + "weight")
         scb = state_dict.get(prefix + "SCB")
         shape = (self.num_embeddings, self.embedding_dim)
-        old = self.weight, self.SCB
+        guard = LoadGuard(self, error_msgs)
         if weight is not None:
             problem = None
             if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != shape:
@@ -126,8 +126,7 @@ class Embedding8bit(torch.nn.Embedding):
                 self.weight = torch.nn.Parameter(torch.empty_like(weight, device=self.weight.device),
                                                  requires_grad=False)
                 self.SCB = None
-        errors = len(error_msgs)
+        guard.before_copy()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if len(error_msgs) > errors:  # nothing half-loaded
-            self.weight, self.SCB = old
+        guard.finish()  # nothing half-loaded

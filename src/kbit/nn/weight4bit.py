@@ -40,7 +40,11 @@ class Weight4bitMixin:
                               error_msgs):
         weight_key = prefix + "weight"
         stats = {k[len(weight_key) + 1:]: v for k, v in state_dict.items() if k.startswith(weight_key + ".")}
-        old_weight, old_state = self.weight, self.quant_state
+        guard = LoadGuard(self, error_msgs)
+        if stats and weight_key not in state_dict:
+            error_msgs.append(f"While loading {weight_key}: the checkpoint has its statistics ({', '.join(sorted(stats))}) "
+                              "but not the packed weight itself")
+            return
         if weight_key in state_dict:
             try:
                 new_weight = self._weight_from_checkpoint(state_dict[weight_key], stats)
@@ -53,11 +57,10 @@ class Weight4bitMixin:
             # statistics entries as unexpected: they are consumed here.
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(weight_key + ".")}
             state_dict[weight_key] = new_weight.data
-        errors = len(error_msgs)
+        guard.before_copy()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if len(error_msgs) > errors:  # e.g. a wrong-shaped bias: keep the old weight, not half of a checkpoint
-            self.weight, self.quant_state = old_weight, old_state
+        guard.finish()  # e.g. a wrong-shaped or missing bias: keep the old weight, not half of a checkpoint
 
     def _weight_from_checkpoint(self, data: torch.Tensor, stats: dict) -> Params4bit:
         """A quantized checkpoint (``weight`` + ``weight.absmax``/... entries) or a float weight."""
@@ -85,3 +88,41 @@ class Weight4bitMixin:
         return weight
 
 
+class LoadGuard:
+    """Makes one module's ``_load_from_state_dict`` all-or-nothing. torch raises only after visiting every
+    module, so a module whose part failed (a wrong-shaped bias after a good weight) would keep whatever was
+    loaded before the failure; the guard puts back its parameter and buffer objects, and the values of those the
+    base class copied into in place.
+
+    Missing and unexpected keys are not failures here: torch always passes ``strict=True`` down and decides
+    afterwards, so this module cannot tell ``load_state_dict(sd, strict=False)`` (a deliberate partial load)
+    from a strict one; like every torch module, it loads the entries that are present and valid.
+
+    Use: ``guard = LoadGuard(self, ...)`` before replacing any tensor, ``guard.before_copy()`` right before the
+    base class's ``_load_from_state_dict``, then ``guard.finish()``."""
+
+    def __init__(self, module: torch.nn.Module, error_msgs: list):
+        self.module, self.error_msgs, self.errors = module, error_msgs, len(error_msgs)
+        self.params, self.buffers = dict(module._parameters), dict(module._buffers)
+        self.attrs = {k: module.__dict__[k] for k in ("quant_state",) if k in module.__dict__}
+        self.values: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def before_copy(self) -> None:
+        """Save the values of the tensors the base class may overwrite in place (the ones not replaced)."""
+        current = [*self.module._parameters.values(), *self.module._buffers.values()]
+        old = {id(t) for t in [*self.params.values(), *self.buffers.values()] if t is not None}
+        self.values = [(t, t.detach().clone()) for t in current if t is not None and id(t) in old]
+
+    def finish(self) -> bool:
+        """Restore the module if its part of the load added an error; returns whether it did."""
+        if len(self.error_msgs) == self.errors:
+            return False
+        self.module._parameters.clear()
+        self.module._parameters.update(self.params)
+        self.module._buffers.clear()
+        self.module._buffers.update(self.buffers)
+        self.module.__dict__.update(self.attrs)
+        with torch.no_grad():
+            for t, value in self.values:
+                t.detach().copy_(value)
+        return True
