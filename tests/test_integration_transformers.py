@@ -29,6 +29,9 @@ MAX_DEQUANT_REF_ERROR = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 #: 4-bit weights move the logits of this randomly initialized model by 11.6% of their norm with NF4 and 13.9%
 #: with FP4 (measured); a wrong scale, nibble order or orientation gives errors of the size of the logits.
 MAX_REL_LOGIT_ERROR_4BIT = 0.25
+#: bitsandbytes' CPU inference path runs in bfloat16 with bfloat16 scales (fact sheet 9.5; measured 2.4e-3
+#: on these logits of magnitude ~0.6).
+MAX_BNB_CPU_BF16_ERROR = 1e-2
 LAYER_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WEIGHT_KEYS_NESTED = {"weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map"}
 
@@ -279,6 +282,28 @@ def test_checkpoint_from_real_bitsandbytes_loads_without_it(float_dir, tmp_path,
     exact = logits(float_with_weights_of(ours, ref), ids)
     assert float((got - exact).abs().max()) <= MAX_DEQUANT_REF_ERROR[torch.float32]
     assert rel_error(got, logits(fresh, ids)) < 1e-2
+
+
+def test_bitsandbytes_checkpoint_written_by_kbit_loads_in_real_bitsandbytes(float_dir, tmp_path):
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"bitsandbytes is not importable here ({type(exc).__name__}: {exc})")
+    cfg = KbitConfig(bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    ours = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=cfg)
+    ours.config.quantization_config = cfg.to_bitsandbytes_config()
+    ours.save_pretrained(tmp_path)
+    try:
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path)
+    except (RuntimeError, ImportError) as exc:  # a bitsandbytes build without a CPU backend
+        pytest.skip(f"transformers + bitsandbytes cannot load 4-bit models on this machine: {exc}")
+    their_layer, our_layer = theirs.model.layers[0].mlp.down_proj, ours.model.layers[0].mlp.down_proj
+    assert isinstance(their_layer, bnb.nn.Linear4bit)
+    # Before any forward (which may repack the weight for bitsandbytes' CPU kernel): the same numbers.
+    theirs_w = bnb.functional.dequantize_4bit(their_layer.weight.data, their_layer.weight.quant_state)
+    assert torch.equal(theirs_w, kbit.functional.dequantize_4bit(our_layer.weight.data, our_layer.weight.quant_state))
+    ids = token_batch()
+    torch.testing.assert_close(logits(theirs, ids), logits(ours, ids), atol=MAX_BNB_CPU_BF16_ERROR, rtol=0)
 
 
 # ---- Trainer ------------------------------------------------------------------------------------
