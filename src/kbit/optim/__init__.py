@@ -24,6 +24,7 @@ from .ademamix import AdEMAMix, AdEMAMix8bit, AdEMAMix32bit, PagedAdEMAMix, Page
 from .lamb import LAMB, LAMB8bit, LAMB32bit
 from .lars import LARS, LARS8bit, LARS32bit, PytorchLARS
 from .lion import Lion, Lion8bit, Lion32bit, PagedLion, PagedLion8bit, PagedLion32bit
+from .health import NonFiniteState, find_nonfinite_state, reset_nonfinite_state
 from .manager import GlobalOptimManager
 from .optimizer import MockArgs, Optimizer1State, Optimizer2State, Optimizer8bit
 from .paged import get_paged_state_dir, set_paged_state_dir
@@ -41,4 +42,5 @@ __all__ = [
     "GlobalOptimManager", "get_paged_state_dir", "set_paged_state_dir", "MockArgs", "Optimizer8bit", "Optimizer2State", "Optimizer1State",
     "RMSprop", "RMSprop8bit", "RMSprop32bit",
     "SGD", "SGD8bit", "SGD32bit",
+    "NonFiniteState", "find_nonfinite_state", "reset_nonfinite_state",
 ]
