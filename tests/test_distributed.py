@@ -31,6 +31,12 @@ FP32_REORDER_ATOL = 2e-5
 #: quantization noise, and so do the parameters. Bound: the largest difference is at most this fraction of
 #: how far the parameter moved (measured up to 4% after 6 steps; a wrong shard/block mapping gives ~100%).
 QUANT_NOISE_FRACTION = 0.15
+#: LAMB8bit keeps one scale per tensor (block_wise=False): under FSDP2 one per shard, a different grid than
+#: DDP's single one, so its noise is larger (measured up to 13% of the movement after 6 steps).
+TENSORWISE_NOISE_FRACTION = 0.3
+#: LAMB/LARS under FSDP2 vs one process: the trust ratio from all-reduced norms differs from the unsharded
+#: one in float32 rounding only (measured up to 3e-8 after 6 steps).
+TRUST_RATIO_ATOL = 2e-7
 #: Lion's update is +-lr per element, so noise shows as sign flips of single elements: at most this
 #: fraction of the elements may differ (measured below 5%).
 LION_FLIP_FRACTION = 0.15
@@ -110,11 +116,12 @@ def test_fsdp2_8bit_blocks_start_at_each_shard(runs, reference):
     _assert_within_noise(fsdp["l3.weight"], ref["l3.weight"], dict(S.make_model().named_parameters())["l3.weight"])
 
 
-def _assert_within_noise(actual, expected, start, what=""):
-    """max |actual - expected| <= QUANT_NOISE_FRACTION * max |expected - start| (how far it moved)."""
+def _assert_within_noise(actual, expected, start, what="", fraction=None):
+    """max |actual - expected| <= fraction * max |expected - start| (how far it moved)."""
+    fraction = QUANT_NOISE_FRACTION if fraction is None else fraction
     moved = (expected - start.detach()).abs().max().item()
     diff = (actual - expected).abs().max().item()
-    assert diff <= QUANT_NOISE_FRACTION * moved, f"{what}: difference {diff:.2e}, moved {moved:.2e}"
+    assert diff <= fraction * moved, f"{what}: difference {diff:.2e}, moved {moved:.2e}"
 
 
 @pytest.mark.parametrize("name", ["adamw8bit", "lion8bit"])
@@ -130,10 +137,26 @@ def test_fsdp2_8bit_trains_like_ddp_within_quantization_noise(runs, reference, n
             _assert_within_noise(p, ref, start[n], f"FSDP2 vs DDP {n}")
 
 
-def test_fsdp2_trust_ratio_rules_refuse_with_the_reason(runs):
+@pytest.mark.parametrize("name", ["lamb", "lars"])
+def test_fsdp2_trust_ratio_uses_whole_parameter_norms(runs, reference, name):
+    """LAMB/LARS under FSDP2 all-reduce the update and parameter norms (Note [sharded trust ratio]): the same
+    training as one process up to float32 rounding of the ratio; a shard-local ratio would be far off."""
     _, ranks = runs
-    message = ranks[0]["lamb_error"]
-    assert message is not None and "max_unorm" in message and "FSDP2" in message
+    without = {"lamb": lambda ps: O.LAMB(ps, lr=S.LR, weight_decay=0.01, max_unorm=0.0),
+               "lars": lambda ps: O.LARS(ps, lr=S.LR, momentum=0.9, weight_decay=0.01, max_unorm=0.0)}[name]
+    unclipped = {n: p.detach() for n, p in S.reference_run(without, WORLD, range(S.STEPS))[0].named_parameters()}
+    for n, p in ranks[0][f"fsdp/{name}"].items():
+        torch.testing.assert_close(p, reference[name][n], atol=TRUST_RATIO_ATOL, rtol=0)
+    # the ratio did clip: without it the run lands elsewhere
+    assert (unclipped["l1.weight"] - reference[name]["l1.weight"]).abs().max() > 100 * TRUST_RATIO_ATOL
+
+
+def test_fsdp2_lamb8bit_within_quantization_noise(runs, reference):
+    _, ranks = runs
+    start = dict(S.make_model().named_parameters())
+    for n, p in ranks[0]["fsdp/lamb8bit"].items():
+        _assert_within_noise(p, reference["lamb8bit"][n], start[n], f"FSDP2 vs DDP LAMB8bit {n}",
+                             fraction=TENSORWISE_NOISE_FRACTION)
 
 
 @pytest.mark.parametrize("name", ["torch_adamw", "adamw8bit"])

@@ -21,8 +21,7 @@ converts them — exactly when every old shard boundary falls on a multiple of 2
 dequantizing and requantizing (each value within half a quantization step of the new code).
 
 Rules that need whole-parameter norms get them by all-reducing over the shard group: percentile clipping
-(the gradient norm). The LAMB/LARS trust ratio is computed inside the fused kernels from the local shard
-only, so ``max_unorm > 0`` on a sharded parameter raises (see :func:`check_sharded_config`).
+(the gradient norm) and the LAMB/LARS/RMSprop trust ratio (Note [sharded trust ratio]).
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ import torch
 
 from .. import functional as F
 from ..formats import OPTIMIZER_BLOCKSIZE_8BIT
+from . import families
 
 try:  # torch.distributed is optional (some builds lack it)
     import torch.distributed as dist
@@ -98,14 +98,91 @@ def check_scales(p, st: dict, j: int, rows: int) -> str | None:
     return None
 
 
-def check_sharded_config(name: str, config: dict) -> None:
+# Note [sharded trust ratio]
+# With max_unorm > 0 the fused kernel scales the step by min(1, (max_unorm * |p| + trust_eps) / |u|), both
+# norms taken in a pre-pass over the tensor it is given: on a shard, the shard's norms. The ratio must be
+# the whole parameter's, so a sharded parameter with a trust ratio takes two passes:
+#   1. the step runs on copies of the shard and its state with an unreachable max_unorm: nothing is clipped
+#      and the kernel reports the shard's update norm |u|_r (the copies are then dropped);
+#   2. |u|^2 and |p|^2 are all-reduced over the shard group, giving the global ratio R; the real step runs
+#      with the max_unorm' for which the kernel's own shard-local formula yields R:
+#      max_unorm' = (R * |u|_r - trust_eps) / |p|_r (max_unorm = 0 when R = 1). A shard whose |p|_r is 0
+#      cannot express R that way; its step runs with lr * R instead, which is the same update there
+#      (decay of a zero parameter is zero).
+# The trust ratio only scales the step size, never the state update, so pass 1 does not change what pass 2
+# computes. The result equals the unsharded step up to float32 rounding of R; it costs one extra pass over
+# the shard and a small all-reduce per parameter.
+TRUST_RATIO = "kbit.sharded_trust_ratio"
+#: max_unorm of pass 1: large enough that nothing is clipped, small enough that max_unorm * |p| stays finite.
+_UNCLIPPED_MAX_UNORM = 1e30
+#: family -> (index of max_unorm in its hyper tuple, index of its trust_eps or None for 0); families.py's order.
+_TRUST_FIELDS = {families.ADAM.op: (4, None), families.MOMENTUM.op: (4, 5), families.RMSPROP.op: (3, 1)}
+
+
+def shard_groups(p) -> tuple:
+    return tuple(p.device_mesh.get_group(i) for i in _shard_mesh_dims(p))
+
+
+def prepare(family, p, grad, state: dict, config: dict, gnorm_scale: float):
+    """families.prepare for a sharded ``p``: the local shard, the local state views; a trust-ratio
+    parameter gets a key of its own (launched by :func:`launch_trust_ratio`)."""
+    groups = shard_groups(p)
+    lp, lgrad = p.to_local(), grad.to_local()
+    key, item = families.prepare(family, lp, lgrad, local_state(state, lp), config, gnorm_scale)
     if config["max_unorm"] > 0.0:
-        raise ValueError(
-            f"{name}: max_unorm > 0 (the LAMB/LARS trust ratio) needs the norms of whole parameters, but under FSDP2 "
-            "each rank holds a shard and the fused kernel sees only that shard, so the ratio would differ per rank. "
-            "It is not supported on sharded (DTensor) parameters: set max_unorm=0, or keep these parameters "
-            "unsharded (e.g. fully_shard(..., ignored_params=...) or DDP)."
-        )
+        if family.op not in _TRUST_FIELDS:  # pragma: no cover - families.check_supported rejects these first
+            raise ValueError(f"max_unorm is not implemented for {family.op}")
+        item.full_state = state  # the DTensor state, whose unorm_vec gets the global update norm
+        key = (TRUST_RATIO, id(lp), groups, key)
+    return key, item
+
+
+def _with(key: tuple, hyper: tuple) -> tuple:
+    return key[:-1] + (hyper,)
+
+
+def launch_trust_ratio(family, key: tuple, items: list) -> None:
+    """One sharded parameter's step with the whole parameter's trust ratio (Note [sharded trust ratio])."""
+    _, _, groups, inner = key
+    (item,) = items
+    hyper = inner[-1]
+    at, eps_at = _TRUST_FIELDS[family.op]
+    max_unorm = hyper[at]
+    trust_eps = hyper[eps_at] if eps_at is not None else 0.0
+    state = item.state
+    # Pass 1 on copies: the shard's update norm, nothing clipped.
+    copies = {k: (v.clone() if isinstance(v, torch.Tensor) and not k.startswith("qmap") else v) for k, v in state.items()}
+    copies["unorm_vec"] = torch.zeros(1, dtype=torch.float32, device=item.p.device)
+    dry = families.Item(item.p.clone(), item.grad, copies, item.lr, item.step, item.gnorm_scale)
+    unclipped = list(hyper)
+    unclipped[at] = _UNCLIPPED_MAX_UNORM
+    families.launch(family, _with(inner, tuple(unclipped)), [dry])
+    u_local = float(copies["unorm_vec"][0])
+    p_local = float(torch.linalg.vector_norm(item.p, dtype=torch.float64))
+    sums = torch.tensor([u_local * u_local, p_local * p_local], dtype=torch.float64)
+    for group in groups:
+        dist.all_reduce(sums, group=group)
+    u_global, p_global = math.sqrt(float(sums[0])), math.sqrt(float(sums[1]))
+    threshold = max_unorm * p_global + trust_eps
+    ratio = threshold / u_global if u_global > threshold and u_global > 0.0 else 1.0
+    # Pass 2: the real step with a shard-local max_unorm (or lr) that reproduces the global ratio.
+    real = list(hyper)
+    real[at] = 0.0
+    lr = item.lr
+    if ratio < 1.0:
+        if p_local > 0.0 and ratio * u_local > trust_eps:
+            real[at] = (ratio * u_local - trust_eps) / p_local
+        else:
+            lr = lr * ratio
+    step_item = families.Item(item.p, item.grad, state, lr, item.step, item.gnorm_scale)
+    if real[at] > 0.0:
+        state = dict(state)
+        state["unorm_vec"] = torch.zeros(1, dtype=torch.float32, device=item.p.device)
+        step_item.state = state
+    families.launch(family, _with(inner, tuple(real)), [step_item])
+    full_state = item.full_state
+    if "unorm_vec" in full_state:
+        full_state["unorm_vec"].fill_(u_global)
 
 
 def wrap_state(state: dict, p, blocksize: int, zeros) -> None:

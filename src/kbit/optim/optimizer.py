@@ -245,7 +245,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 key, item = self._prepare(group, p, gindex, pindex, config)
                 batches[key].append(item)
         for key, items in batches.items():
-            families.launch(self._family(), key, items)
+            self._launch(key, items)
         return loss
 
     @torch.no_grad()
@@ -254,7 +254,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         config = self.get_config(gindex, pindex, group)
         self._check_config(config)
         key, item = self._prepare(group, p, gindex, pindex, config)
-        families.launch(self._family(), key, [item])
+        self._launch(key, [item])
 
     def _check_config(self, config: dict) -> None:
         families.check_supported(self.optimizer_name, config)
@@ -277,10 +277,14 @@ class Optimizer8bit(torch.optim.Optimizer):
         if config["percentile_clipping"] < 100:
             gnorm_scale = percentile_clipping(grad, state, config["percentile_clipping"])
         if distributed.is_sharded(p):  # FSDP2: the kernels update this rank's shard (distributed.py)
-            distributed.check_sharded_config(type(self).__name__, config)
-            p, grad = p.to_local(), grad.to_local()
-            state = distributed.local_state(state, p)
+            return distributed.prepare(self._family(), p, grad, state, config, gnorm_scale)
         return families.prepare(self._family(), p, grad, state, config, gnorm_scale)
+
+    def _launch(self, key: tuple, items: list) -> None:
+        if key[0] == distributed.TRUST_RATIO:  # a sharded parameter with a trust ratio
+            distributed.launch_trust_ratio(self._family(), key, items)
+        else:
+            families.launch(self._family(), key, items)
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def state_dict(self):
