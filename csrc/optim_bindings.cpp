@@ -131,6 +131,18 @@ void check_lengths(size_t nt, const std::vector<double>& lr, const std::vector<i
     if (s < 1) fail("step must be >= 1 (it counts the step being taken)");
 }
 
+// Per-tensor seeds of Note [stochastic rounding]; empty: every parameter is rounded to nearest even.
+void set_stochastic_rounding(Group& grp, const std::vector<int64_t>& sr_seed) {
+  if (sr_seed.empty()) return;
+  if (sr_seed.size() != grp.tensors.size()) fail("sr_seed must be empty or have one entry per parameter");
+  if (grp.dtype != ParamDtype::kBF16) fail("stochastic rounding applies to bfloat16 parameters only");
+  for (size_t i = 0; i < sr_seed.size(); ++i) {
+    if (sr_seed[i] < 0 || sr_seed[i] > int64_t(UINT32_MAX)) fail("sr_seed values must be in 0..2^32-1");
+    grp.tensors[i].stochastic_round = true;
+    grp.tensors[i].sr_seed = uint32_t(sr_seed[i]);
+  }
+}
+
 template <class Rule>
 void launch(const Group& grp, const std::vector<Rule>& rules, void (*fn)(const OptimCall<Rule>&, int), bool skip_zeros,
             double max_unorm, double trust_eps, int threads) {
@@ -152,11 +164,12 @@ void launch(const Group& grp, const std::vector<Rule>& rules, void (*fn)(const O
 void adam_step(Arrays params, Arrays grads, Arrays state1, Arrays state2, Arrays absmax1, Arrays absmax2, Arrays qmaps,
                int64_t blocksize, std::vector<double> lr, std::vector<int64_t> step, std::vector<double> gnorm_scale,
                Arrays unorm_out, double beta1, double beta2, double eps, double weight_decay, double max_unorm,
-               bool skip_zeros, bool bias_correction, int threads) {
+               bool skip_zeros, bool bias_correction, std::vector<int64_t> sr_seed, int threads) {
   std::vector<Arrays> absmax;
   if (!absmax1.empty()) absmax = {absmax1, absmax2};
   Group grp = build_group(params, grads, {state1, state2}, absmax, qmaps, {1, 1}, blocksize, gnorm_scale, unorm_out);
   check_lengths(grp.tensors.size(), lr, step);
+  set_stochastic_rounding(grp, sr_seed);
   std::vector<AdamRule> rules(grp.tensors.size());
   for (size_t i = 0; i < rules.size(); ++i) {
     const double bc1 = bias_correction ? 1.0 - std::pow(beta1, double(step[i])) : 1.0;
@@ -172,12 +185,13 @@ void adam_step(Arrays params, Arrays grads, Arrays state1, Arrays state2, Arrays
 void ademamix_step(Arrays params, Arrays grads, Arrays state1, Arrays state2, Arrays absmax1, Arrays absmax2,
                    Arrays qmaps, int64_t blocksize, std::vector<double> lr, std::vector<int64_t> step,
                    std::vector<double> gnorm_scale, std::vector<double> beta3, std::vector<double> alpha, double beta1,
-                   double beta2, double eps, double weight_decay, int threads) {
+                   double beta2, double eps, double weight_decay, std::vector<int64_t> sr_seed, int threads) {
   std::vector<Arrays> absmax;
   if (!absmax1.empty()) absmax = {absmax1, absmax2};
   Arrays no_unorm;
   Group grp = build_group(params, grads, {state1, state2}, absmax, qmaps, {2, 1}, blocksize, gnorm_scale, no_unorm);
   check_lengths(grp.tensors.size(), lr, step);
+  set_stochastic_rounding(grp, sr_seed);
   if (beta3.size() != grp.tensors.size() || alpha.size() != grp.tensors.size())
     fail("beta3 and alpha must have one entry per parameter");
   std::vector<AdEMAMixRule> rules(grp.tensors.size());
@@ -194,12 +208,13 @@ void ademamix_step(Arrays params, Arrays grads, Arrays state1, Arrays state2, Ar
 
 void lion_step(Arrays params, Arrays grads, Arrays state1, Arrays absmax1, Arrays qmaps, int64_t blocksize,
                std::vector<double> lr, std::vector<int64_t> step, std::vector<double> gnorm_scale, double beta1,
-               double beta2, double weight_decay, bool skip_zeros, int threads) {
+               double beta2, double weight_decay, bool skip_zeros, std::vector<int64_t> sr_seed, int threads) {
   std::vector<Arrays> absmax;
   if (!absmax1.empty()) absmax = {absmax1};
   Arrays no_unorm;
   Group grp = build_group(params, grads, {state1}, absmax, qmaps, {1}, blocksize, gnorm_scale, no_unorm);
   check_lengths(grp.tensors.size(), lr, step);
+  set_stochastic_rounding(grp, sr_seed);
   std::vector<LionRule> rules(grp.tensors.size());
   for (size_t i = 0; i < rules.size(); ++i) {
     rules[i] = {float(beta1), float(beta2), float(1.0 - beta1), float(1.0 - beta2), float(1.0 - lr[i] * weight_decay)};
@@ -211,11 +226,12 @@ void lion_step(Arrays params, Arrays grads, Arrays state1, Arrays absmax1, Array
 void momentum_step(Arrays params, Arrays grads, Arrays state1, Arrays absmax1, Arrays qmaps, int64_t blocksize,
                    std::vector<double> lr, std::vector<int64_t> step, std::vector<double> gnorm_scale,
                    Arrays unorm_out, double momentum, double dampening, double weight_decay, bool nesterov,
-                   double max_unorm, double trust_eps, bool skip_zeros, int threads) {
+                   double max_unorm, double trust_eps, bool skip_zeros, std::vector<int64_t> sr_seed, int threads) {
   std::vector<Arrays> absmax;
   if (!absmax1.empty()) absmax = {absmax1};
   Group grp = build_group(params, grads, {state1}, absmax, qmaps, {1}, blocksize, gnorm_scale, unorm_out);
   check_lengths(grp.tensors.size(), lr, step);
+  set_stochastic_rounding(grp, sr_seed);
   std::vector<MomentumRule> rules(grp.tensors.size());
   for (size_t i = 0; i < rules.size(); ++i) {
     rules[i] = {float(momentum), float(1.0 - dampening), float(weight_decay), nesterov, step[i] == 1};
@@ -226,11 +242,13 @@ void momentum_step(Arrays params, Arrays grads, Arrays state1, Arrays absmax1, A
 
 void rmsprop_step(Arrays params, Arrays grads, Arrays state1, Arrays absmax1, Arrays qmaps, int64_t blocksize,
                   std::vector<double> lr, std::vector<int64_t> step, std::vector<double> gnorm_scale, Arrays unorm_out,
-                  double alpha, double eps, double weight_decay, double max_unorm, bool skip_zeros, int threads) {
+                  double alpha, double eps, double weight_decay, double max_unorm, bool skip_zeros,
+                  std::vector<int64_t> sr_seed, int threads) {
   std::vector<Arrays> absmax;
   if (!absmax1.empty()) absmax = {absmax1};
   Group grp = build_group(params, grads, {state1}, absmax, qmaps, {1}, blocksize, gnorm_scale, unorm_out);
   check_lengths(grp.tensors.size(), lr, step);
+  set_stochastic_rounding(grp, sr_seed);
   std::vector<RMSpropRule> rules(grp.tensors.size());
   for (size_t i = 0; i < rules.size(); ++i) {
     rules[i] = {float(alpha), float(1.0 - alpha), float(eps), float(weight_decay)};
@@ -241,12 +259,13 @@ void rmsprop_step(Arrays params, Arrays grads, Arrays state1, Arrays absmax1, Ar
 
 void adagrad_step(Arrays params, Arrays grads, Arrays state1, Arrays absmax1, Arrays qmaps, int64_t blocksize,
                   std::vector<double> lr, std::vector<int64_t> step, std::vector<double> gnorm_scale, double eps,
-                  double weight_decay, double lr_decay, bool skip_zeros, int threads) {
+                  double weight_decay, double lr_decay, bool skip_zeros, std::vector<int64_t> sr_seed, int threads) {
   std::vector<Arrays> absmax;
   if (!absmax1.empty()) absmax = {absmax1};
   Arrays no_unorm;
   Group grp = build_group(params, grads, {state1}, absmax, qmaps, {1}, blocksize, gnorm_scale, no_unorm);
   check_lengths(grp.tensors.size(), lr, step);
+  set_stochastic_rounding(grp, sr_seed);
   std::vector<AdagradRule> rules(grp.tensors.size());
   for (size_t i = 0; i < rules.size(); ++i) {
     rules[i] = {float(eps), float(weight_decay)};
@@ -261,20 +280,20 @@ void register_optim_bindings(nb::module_& m) {
   const auto a = [](const char* name) { return nb::arg(name).noconvert(); };
   m.def("adam_step", &adam_step, a("params"), a("grads"), a("state1"), a("state2"), a("absmax1"), a("absmax2"),
         a("qmaps"), "blocksize"_a, "lr"_a, "step"_a, "gnorm_scale"_a, a("unorm_out"), "beta1"_a, "beta2"_a, "eps"_a,
-        "weight_decay"_a, "max_unorm"_a, "skip_zeros"_a, "bias_correction"_a, "threads"_a);
+        "weight_decay"_a, "max_unorm"_a, "skip_zeros"_a, "bias_correction"_a, "sr_seed"_a, "threads"_a);
   m.def("ademamix_step", &ademamix_step, a("params"), a("grads"), a("state1"), a("state2"), a("absmax1"), a("absmax2"),
         a("qmaps"), "blocksize"_a, "lr"_a, "step"_a, "gnorm_scale"_a, "beta3"_a, "alpha"_a, "beta1"_a, "beta2"_a,
-        "eps"_a, "weight_decay"_a, "threads"_a);
+        "eps"_a, "weight_decay"_a, "sr_seed"_a, "threads"_a);
   m.def("lion_step", &lion_step, a("params"), a("grads"), a("state1"), a("absmax1"), a("qmaps"), "blocksize"_a, "lr"_a,
-        "step"_a, "gnorm_scale"_a, "beta1"_a, "beta2"_a, "weight_decay"_a, "skip_zeros"_a, "threads"_a);
+        "step"_a, "gnorm_scale"_a, "beta1"_a, "beta2"_a, "weight_decay"_a, "skip_zeros"_a, "sr_seed"_a, "threads"_a);
   m.def("momentum_step", &momentum_step, a("params"), a("grads"), a("state1"), a("absmax1"), a("qmaps"), "blocksize"_a,
         "lr"_a, "step"_a, "gnorm_scale"_a, a("unorm_out"), "momentum"_a, "dampening"_a, "weight_decay"_a, "nesterov"_a,
-        "max_unorm"_a, "trust_eps"_a, "skip_zeros"_a, "threads"_a);
+        "max_unorm"_a, "trust_eps"_a, "skip_zeros"_a, "sr_seed"_a, "threads"_a);
   m.def("rmsprop_step", &rmsprop_step, a("params"), a("grads"), a("state1"), a("absmax1"), a("qmaps"), "blocksize"_a,
         "lr"_a, "step"_a, "gnorm_scale"_a, a("unorm_out"), "alpha"_a, "eps"_a, "weight_decay"_a, "max_unorm"_a,
-        "skip_zeros"_a, "threads"_a);
+        "skip_zeros"_a, "sr_seed"_a, "threads"_a);
   m.def("adagrad_step", &adagrad_step, a("params"), a("grads"), a("state1"), a("absmax1"), a("qmaps"), "blocksize"_a,
-        "lr"_a, "step"_a, "gnorm_scale"_a, "eps"_a, "weight_decay"_a, "lr_decay"_a, "skip_zeros"_a, "threads"_a);
+        "lr"_a, "step"_a, "gnorm_scale"_a, "eps"_a, "weight_decay"_a, "lr_decay"_a, "skip_zeros"_a, "sr_seed"_a, "threads"_a);
 }
 
 }  // namespace kbit

@@ -91,7 +91,7 @@ struct OptimBlocks {
       float s[3];
       for (int k = 0; k < Rule::kStates; ++k) s[k] = t.state32[k][i];
       step_element(r, t.sc, c.skip_zeros, pf, to_f32(g[i]), s);
-      from_f32(pf, p + i);
+      write_param<T>(t, i, pf);
       for (int k = 0; k < Rule::kStates; ++k) t.state32[k][i] = s[k];
     }
   }
@@ -110,7 +110,7 @@ struct OptimBlocks {
       float s[3];
       for (int k = 0; k < Rule::kStates; ++k) s[k] = c.luts[k]->code[t.codes[k][i]] * old_am[k];
       step_element(r, t.sc, c.skip_zeros, pf, to_f32(g[i]), s);
-      from_f32(pf, p + i);
+      write_param<T>(t, i, pf);
       for (int k = 0; k < Rule::kStates; ++k) {
         buf[k][size_t(i - begin)] = s[k];
         if (abs_bits(s[k]) > max_bits[k]) max_bits[k] = abs_bits(s[k]);

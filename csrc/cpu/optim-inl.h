@@ -24,6 +24,26 @@ struct OptimBlocks {
       for (int64_t j = 0; j < blocksize; j += 64) __builtin_prefetch(t.codes[k] + start + j, 1);
   }
 
+  // Stores parameter elements [i, i + N) (Note [bf16 rounding], or Note [stochastic rounding]).
+  template <class T>
+  static void store_param(const OptimTensor& t, int64_t i, F v) {
+    T* p = static_cast<T*>(t.p) + i;
+    if constexpr (std::is_same_v<T, bf16_t>) {
+      if (t.stochastic_round) {
+        const uint64_t first = uint64_t(i);
+        if (uint32_t(first) <= 0xffffffffu - uint32_t(Ops::N - 1)) {  // the low halves of the indices do not wrap
+          Ops::store_stochastic(p, v, Ops::sr_bits(t.sr_seed, uint32_t(first), uint32_t(first >> 32)));
+        } else {
+          alignas(64) float lanes[Ops::N];
+          Ops::store(lanes, v);
+          for (int j = 0; j < Ops::N; ++j) write_param<T>(t, i + j, lanes[j]);
+        }
+        return;
+      }
+    }
+    Ops::store(p, v);
+  }
+
   // Vector form of step_element(): gnorm scaling, the rule, p -= k u, skip_zeros. Returns u (0 where skipped).
   template <class Rule>
   static F step_vector(const Rule& r, const StepScalars& sc, bool skip_zeros, F& p, F g, F* s) {
@@ -53,7 +73,7 @@ struct OptimBlocks {
       F s[3];
       for (int k = 0; k < Rule::kStates; ++k) s[k] = Ops::load(t.state32[k] + i);
       step_vector(r, t.sc, c.skip_zeros, pv, Ops::load(g + i), s);
-      Ops::store(p + i, pv);
+      store_param<T>(t, i, pv);
       for (int k = 0; k < Rule::kStates; ++k) Ops::store(t.state32[k] + i, s[k]);
     }
     for (; i < end; ++i) {
@@ -61,7 +81,7 @@ struct OptimBlocks {
       float s[3];
       for (int k = 0; k < Rule::kStates; ++k) s[k] = t.state32[k][i];
       step_element(r, t.sc, c.skip_zeros, pf, to_f32(g[i]), s);
-      from_f32(pf, p + i);
+      write_param<T>(t, i, pf);
       for (int k = 0; k < Rule::kStates; ++k) t.state32[k][i] = s[k];
     }
   }
@@ -87,7 +107,7 @@ struct OptimBlocks {
       for (int k = 0; k < Rule::kStates; ++k)
         s[k] = Ops::mul(Ops::gather(qmap[k], Ops::load_u8(t.codes[k] + start + i)), Ops::set1(am[k]));
       step_vector(r, t.sc, c.skip_zeros, pv, Ops::load(g + i), s);
-      Ops::store(p + i, pv);
+      store_param<T>(t, start + i, pv);
       for (int k = 0; k < Rule::kStates; ++k) {
         Ops::store(buf[k] + i, s[k]);
         vmax[k] = Ops::max_u32(vmax[k], Ops::abs_bits(s[k]));
@@ -99,7 +119,7 @@ struct OptimBlocks {
       float s[3];
       for (int k = 0; k < Rule::kStates; ++k) s[k] = qmap[k][t.codes[k][start + i]] * am[k];
       step_element(r, t.sc, c.skip_zeros, pf, to_f32(g[i]), s);
-      from_f32(pf, p + i);
+      write_param<T>(t, start + i, pf);
       for (int k = 0; k < Rule::kStates; ++k) {
         buf[k][i] = s[k];
         if (abs_bits(s[k]) > max_bits[k]) max_bits[k] = abs_bits(s[k]);

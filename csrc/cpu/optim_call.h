@@ -28,6 +28,8 @@ struct OptimTensor {
   float* unorm_out;     // receives the update norm of the trust-ratio test (may be null)
   StepScalars sc;       // gnorm_scale and k (the kernel multiplies k by the trust-ratio scale)
   double unorm_factor;  // the update norm is sqrt(sum u^2) * unorm_factor (1 / bc1 for adam, else 1)
+  bool stochastic_round;  // bf16 parameters: written with Note [stochastic rounding] (else round to nearest even)
+  uint32_t sr_seed;       // that rounding's per-tensor, per-step seed
 };
 
 template <class Rule>

@@ -75,6 +75,36 @@ inline void from_f32(float f, bf16_t* out) {
   }
   out->bits = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
+// Note [stochastic rounding]
+// With bf16_stochastic_round an optimizer writes a bfloat16 parameter by adding 16 random bits to the
+// float32 pattern and truncating: x rounds away from zero with probability (dropped bits) / 2^16, so the
+// expected stored value is x and updates smaller than half a bf16 ulp still move the parameter on average.
+// The random bits of element i are sr_bits(seed, i), a counter-based hash (Wellons' "lowbias32", applied to
+// the low and then the high half of i): they depend only on the per-tensor, per-step seed and the element's
+// index, so results are the same at every thread count and CPU level and after a checkpoint resume.
+// NaN stays NaN (0x7fc0, as in Note [bf16 rounding]); values past the largest bf16 may round to +-Inf.
+inline constexpr uint32_t kLowbias32Mul1 = 0x7feb352du;
+inline constexpr uint32_t kLowbias32Mul2 = 0x846ca68bu;
+inline uint32_t lowbias32(uint32_t x) {
+  x ^= x >> 16;
+  x *= kLowbias32Mul1;
+  x ^= x >> 15;
+  x *= kLowbias32Mul2;
+  x ^= x >> 16;
+  return x;
+}
+inline uint32_t sr_bits(uint32_t seed, uint64_t i) {
+  return lowbias32(lowbias32(uint32_t(i) ^ seed) ^ uint32_t(i >> 32));
+}
+inline void from_f32_stochastic(float f, uint32_t random_bits, bf16_t* out) {
+  const uint32_t u = f32_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    out->bits = kBf16QuietNaN;
+    return;
+  }
+  out->bits = uint16_t((u + (random_bits & 0xffffu)) >> 16);
+}
+
 // Round to nearest even, with the same results as F16C's vcvtps2ph (NaN keeps sign and the top
 // payload bits and is made quiet).
 inline void from_f32(float f, f16_t* out) {

@@ -5,7 +5,8 @@ and state format — so that a step over many small tensors costs one call. Per-
 gradient scale) are lists. A 32-bit group passes empty ``absmax``/``qmaps`` lists; an 8-bit group
 passes uint8 states, their absmax (``blocksize`` > 0: per block; 0: one per tensor) and one code map
 per state storage. ``unorm_out`` (possibly empty) receives each tensor's update norm when
-``max_unorm`` > 0. The rules are written out in csrc/cpu/optim_rules.h and in
+``max_unorm`` > 0. ``sr_seed`` (empty, or one 32-bit seed per tensor) asks for bfloat16 parameters to be
+written with stochastic rounding (Note [stochastic rounding], csrc/cpu/scalar_ops.h). The rules are written out in csrc/cpu/optim_rules.h and in
 kbit/backends/reference_optim.py, the specification.
 """
 
@@ -23,29 +24,31 @@ OPTIM_SCHEMAS = {
     "adam_step_": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] state2, Tensor(d!)[] absmax1, "
         f"Tensor(e!)[] absmax2, Tensor[] qmaps, {_COMMON}, Tensor(f!)[] unorm_out, float beta1, float beta2, "
-        "float eps, float weight_decay, float max_unorm, bool skip_zeros, bool bias_correction) -> ()"
+        "float eps, float weight_decay, float max_unorm, bool skip_zeros, bool bias_correction, "
+        "int[] sr_seed=[]) -> ()"
     ),
     "ademamix_step_": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] state2, Tensor(d!)[] absmax1, "
         f"Tensor(e!)[] absmax2, Tensor[] qmaps, {_COMMON}, float[] beta3, float[] alpha, float beta1, "
-        "float beta2, float eps, float weight_decay) -> ()"
+        "float beta2, float eps, float weight_decay, int[] sr_seed=[]) -> ()"
     ),
     "lion_step_": (
         f"(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(d!)[] absmax1, Tensor[] qmaps, {_COMMON}, "
-        "float beta1, float beta2, float weight_decay, bool skip_zeros) -> ()"
+        "float beta1, float beta2, float weight_decay, bool skip_zeros, int[] sr_seed=[]) -> ()"
     ),
     "momentum_step_": (
         f"(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(d!)[] absmax1, Tensor[] qmaps, {_COMMON}, "
         "Tensor(f!)[] unorm_out, float momentum, float dampening, float weight_decay, bool nesterov, "
-        "float max_unorm, float trust_eps, bool skip_zeros) -> ()"
+        "float max_unorm, float trust_eps, bool skip_zeros, int[] sr_seed=[]) -> ()"
     ),
     "rmsprop_step_": (
         f"(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(d!)[] absmax1, Tensor[] qmaps, {_COMMON}, "
-        "Tensor(f!)[] unorm_out, float alpha, float eps, float weight_decay, float max_unorm, bool skip_zeros) -> ()"
+        "Tensor(f!)[] unorm_out, float alpha, float eps, float weight_decay, float max_unorm, bool skip_zeros, "
+        "int[] sr_seed=[]) -> ()"
     ),
     "adagrad_step_": (
         f"(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(d!)[] absmax1, Tensor[] qmaps, {_COMMON}, "
-        "float eps, float weight_decay, float lr_decay, bool skip_zeros) -> ()"
+        "float eps, float weight_decay, float lr_decay, bool skip_zeros, int[] sr_seed=[]) -> ()"
     ),
 }
 
@@ -80,8 +83,9 @@ def _fake(name: str):
     names = [arg.split()[-1].split("=")[0] for arg in OPTIM_SCHEMAS[name].split("->")[0].strip(" ()").split(", ")]
     states = [i for i, n in enumerate(names) if n in ("state1", "state2")]
 
-    def fake(*args):
+    def fake(*args, **kwargs):
         arg = dict(zip(names, args))
+        arg.update(kwargs)
         check_group(arg["params"], arg["grads"], [args[i] for i in states], arg["lr"], arg["step"], arg["gnorm_scale"])
 
     torch.library.register_fake(f"{LIBRARY}::{name}", fake)

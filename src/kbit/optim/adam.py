@@ -25,10 +25,12 @@ class Adam(Variant, Optimizer2State):
     ``is_paged`` — see :class:`~kbit.optim.optimizer.Optimizer2State`."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, optim_bits=32,
-                 args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True, is_paged=False):
+                 args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True, is_paged=False,
+                 bf16_stochastic_round=False):
         reject_amsgrad(type(self).__name__, amsgrad)
         super().__init__("adam", params, lr, betas, eps, weight_decay, self._bits(optim_bits), args, min_8bit_size,
-                         percentile_clipping, block_wise, is_paged=self._paged(is_paged))
+                         percentile_clipping, block_wise, is_paged=self._paged(is_paged),
+                         bf16_stochastic_round=bf16_stochastic_round)
 
 
 class Adam8bit(Adam):
@@ -66,9 +68,9 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
                  optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True,
-                 is_paged=False):
+                 is_paged=False, bf16_stochastic_round=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size,
-                         percentile_clipping, block_wise, is_paged)
+                         percentile_clipping, block_wise, is_paged, bf16_stochastic_round)
 
 
 class AdamW8bit(AdamW):

@@ -129,6 +129,7 @@ class Item:
     step: int
     gnorm_scale: float
     extra: tuple = ()
+    sr_seed: int | None = None  # Note [stochastic rounding]; None: round to nearest
 
 
 def _state_format(p: torch.Tensor, state: dict) -> tuple:
@@ -152,7 +153,8 @@ def state_blocksize(n: int, blocks: int) -> int:
     )
 
 
-def prepare(family: Family, p, grad, state: dict, config: dict, gnorm_scale: float) -> tuple[tuple, Item]:
+def prepare(family: Family, p, grad, state: dict, config: dict, gnorm_scale: float,
+            sr_seed: int | None = None) -> tuple[tuple, Item]:
     """The batching key and the work item of one parameter's step."""
     fmt = _state_format(p, state)
     qmaps = tuple(id(state[f"qmap{j + 1}"]) for j in range(len(family.rows))) if fmt[0] == 8 else ()
@@ -160,8 +162,8 @@ def prepare(family: Family, p, grad, state: dict, config: dict, gnorm_scale: flo
     if family is ADEMAMIX:
         alpha_t, beta3_t = ademamix_schedule(config, state["step"])
         extra = (beta3_t, alpha_t)
-    key = (family.op, p.device, p.dtype, fmt, qmaps, family.hyper(config))
-    return key, Item(p, grad, state, float(config["lr"]), int(state["step"]), float(gnorm_scale), extra)
+    key = (family.op, p.device, p.dtype, fmt, qmaps, family.hyper(config), sr_seed is not None)
+    return key, Item(p, grad, state, float(config["lr"]), int(state["step"]), float(gnorm_scale), extra, sr_seed)
 
 
 def _absmax(state: dict, j: int) -> torch.Tensor:
@@ -170,7 +172,8 @@ def _absmax(state: dict, j: int) -> torch.Tensor:
 
 def launch(family: Family, key: tuple, items: list[Item]) -> None:
     """Run one fused op over a batch of parameters that share ``key``."""
-    _, _, _, (bits, blocksize), _, hyper = key
+    _, _, _, (bits, blocksize), _, hyper, stochastic = key
+    sr = {"sr_seed": [it.sr_seed for it in items]} if stochastic else {}
     nstates = len(family.rows)
     params = [it.p for it in items]
     grads = [it.grad for it in items]
@@ -190,29 +193,29 @@ def launch(family: Family, key: tuple, items: list[Item]) -> None:
         beta1, beta2, eps, wd, max_unorm, skip_zeros, bias_correction = hyper
         ops.adam_step_(params, grads, storages[0], storages[1], absmaxes[0], absmaxes[1], qmaps, blocksize, lr, step,
                        gnorm, unorm if max_unorm > 0 else [], beta1, beta2, eps, wd, max_unorm, skip_zeros,
-                       bias_correction)
+                       bias_correction, **sr)
     elif family is ADEMAMIX:
         beta1, beta2, eps, wd = hyper
         ops.ademamix_step_(params, grads, storages[0], storages[1], absmaxes[0], absmaxes[1], qmaps, blocksize, lr,
                            step, gnorm, [it.extra[0] for it in items], [it.extra[1] for it in items], beta1, beta2,
-                           eps, wd)
+                           eps, wd, **sr)
     elif family is LION:
         beta1, beta2, wd, skip_zeros = hyper
         ops.lion_step_(params, grads, storages[0], absmaxes[0], qmaps, blocksize, lr, step, gnorm, beta1, beta2, wd,
-                       skip_zeros)
+                       skip_zeros, **sr)
     elif family is MOMENTUM:
         momentum, dampening, wd, nesterov, max_unorm, eps, skip_zeros = hyper
         ops.momentum_step_(params, grads, storages[0], absmaxes[0], qmaps, blocksize, lr, step, gnorm,
                            unorm if max_unorm > 0 else [], momentum, dampening, wd, nesterov, max_unorm, eps,
-                           skip_zeros)
+                           skip_zeros, **sr)
     elif family is RMSPROP:
         alpha, eps, wd, max_unorm, skip_zeros = hyper
         ops.rmsprop_step_(params, grads, storages[0], absmaxes[0], qmaps, blocksize, lr, step, gnorm,
-                          unorm if max_unorm > 0 else [], alpha, eps, wd, max_unorm, skip_zeros)
+                          unorm if max_unorm > 0 else [], alpha, eps, wd, max_unorm, skip_zeros, **sr)
     elif family is ADAGRAD:
         eps, wd, lr_decay, skip_zeros = hyper
         ops.adagrad_step_(params, grads, storages[0], absmaxes[0], qmaps, blocksize, lr, step, gnorm, eps, wd,
-                          lr_decay, skip_zeros)
+                          lr_decay, skip_zeros, **sr)
     else:  # pragma: no cover - FAMILIES is closed
         raise AssertionError(family)
     if bits == 8 and blocksize == 0:

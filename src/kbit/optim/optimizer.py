@@ -20,7 +20,7 @@ import torch
 
 from .. import functional as F
 from ..formats import OPTIMIZER_BLOCKSIZE_8BIT
-from . import families, state_layout
+from . import families, state_layout, stochastic_rounding
 from .manager import GlobalOptimManager
 
 
@@ -126,6 +126,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             "alpha": group.get("alpha", 0.0),
             "t_alpha": group.get("t_alpha"),
             "t_beta3": group.get("t_beta3"),
+            "bf16_stochastic_round": bool(group.get("bf16_stochastic_round", False)),
         }
         for key in families.EXTRA_GROUP_KEYS:
             if key in group:
@@ -265,7 +266,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         gnorm_scale = 1.0
         if config["percentile_clipping"] < 100:
             gnorm_scale = percentile_clipping(grad, state, config["percentile_clipping"])
-        return families.prepare(self._family(), p, grad, state, config, gnorm_scale)
+        sr_seed = stochastic_rounding.tensor_seed(group, gindex, pindex, state["step"], p, config)
+        return families.prepare(self._family(), p, grad, state, config, gnorm_scale, sr_seed)
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def state_dict(self):
@@ -363,16 +365,20 @@ class Optimizer2State(Optimizer8bit):
         skip_zeros: leave entries whose gradient is exactly 0 untouched (sparse-style updates).
         is_paged: paged state.
         alpha, t_alpha, t_beta3: AdEMAMix's mixing coefficient and schedule lengths.
+        bf16_stochastic_round: write bfloat16 parameters with stochastic rounding instead of round to
+            nearest (kbit only; see :mod:`kbit.optim.stochastic_rounding`). float32 parameters are unaffected;
+            float16 parameters raise ValueError.
     """
 
     def __init__(self, optimizer_name, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True,
-                 max_unorm=0.0, skip_zeros=False, is_paged=False, alpha=0.0, t_alpha=None, t_beta3=None):
+                 max_unorm=0.0, skip_zeros=False, is_paged=False, alpha=0.0, t_alpha=None, t_beta3=None,
+                 bf16_stochastic_round=False):
         betas = _parse_betas(betas)
         _check_hyperparameters(lr, eps, betas, weight_decay)
         families.check_name(optimizer_name, states=2)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha, t_alpha=t_alpha,
-                        t_beta3=t_beta3)
+                        t_beta3=t_beta3, **stochastic_rounding.group_defaults(bf16_stochastic_round))
         super().__init__(params, defaults, optim_bits, is_paged)
         self.args = _make_args(args, optim_bits, min_8bit_size, percentile_clipping, block_wise, max_unorm, skip_zeros)
         self.optimizer_name = optimizer_name
@@ -387,11 +393,12 @@ class Optimizer1State(Optimizer8bit):
 
     def __init__(self, optimizer_name, params, lr=1e-3, betas=(0.9, 0.0), eps=1e-8, weight_decay=0.0,
                  optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True,
-                 max_unorm=0.0, skip_zeros=False, is_paged=False):
+                 max_unorm=0.0, skip_zeros=False, is_paged=False, bf16_stochastic_round=False):
         betas = _parse_betas(betas)
         _check_hyperparameters(lr, eps, betas, weight_decay, optimizer_name)
         families.check_name(optimizer_name, states=1)
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        **stochastic_rounding.group_defaults(bf16_stochastic_round))
         super().__init__(params, defaults, optim_bits, is_paged)
         self.args = _make_args(args, optim_bits, min_8bit_size, percentile_clipping, block_wise, max_unorm, skip_zeros)
         self.optimizer_name = optimizer_name
