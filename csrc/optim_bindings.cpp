@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -45,6 +46,9 @@ struct Group {
   std::vector<std::shared_ptr<const CodeLut>> luts;
   ParamDtype dtype = ParamDtype::kF32;
   bool eight_bit = false;
+  bool four_bit = false;                   // Note [4-bit optimizer states]
+  std::vector<const float*> code4, mids4;  // 4-bit: per logical state
+  std::vector<std::vector<float>> mids4_storage;
   int64_t blocksize = 0;
 };
 
@@ -69,17 +73,33 @@ Group build_group(const Arrays& params, const Arrays& grads, const std::vector<A
       if (a.size() != nt) fail("every absmax list must have one entry per parameter");
     if (blocksize < 0 || blocksize > kMaxFusedBlock)
       fail("8-bit optimizer blocksize must be in 1.." + std::to_string(kMaxFusedBlock) + ", or 0 for one absmax per tensor");
+    grp.four_bit = qmaps[0].size() == 16;
+    const size_t code_size = grp.four_bit ? 16 : 256;
+    grp.mids4_storage.reserve(rows.size());  // pointers into it are kept
     for (size_t j = 0; j < rows.size(); ++j) {
       const Array& q = qmaps[j];
-      if (q.dtype() != nb::dtype<float>() || q.size() != 256) fail("qmap must be 256 float32 values");
+      if (q.dtype() != nb::dtype<float>() || q.size() != code_size)
+        fail("qmaps must all be 256 float32 values (8-bit states) or all 16 (4-bit states)");
       const float* c = static_cast<const float*>(q.data());
-      for (int i = 0; i < 256; ++i)
+      for (size_t i = 0; i < code_size; ++i)
         if (c[i] != c[i]) fail("qmap must not contain NaN");
-      for (int i = 0; i + 1 < 256; ++i)
+      for (size_t i = 0; i + 1 < code_size; ++i)
         if (c[i] > c[i + 1]) fail("qmap must be sorted ascending");
-      const auto lut = get_code_lut(c);
-      for (int r = 0; r < rows[j]; ++r) grp.luts.push_back(lut);
+      if (grp.four_bit) {
+        std::vector<float> mids(16, std::numeric_limits<float>::infinity());
+        for (int i = 0; i < 15; ++i) mids[size_t(i)] = (c[i] + c[i + 1]) / 2.0f;
+        grp.mids4_storage.push_back(std::move(mids));
+        for (int r = 0; r < rows[j]; ++r) {
+          grp.code4.push_back(c);
+          grp.mids4.push_back(grp.mids4_storage.back().data());
+        }
+      } else {
+        const auto lut = get_code_lut(c);
+        for (int r = 0; r < rows[j]; ++r) grp.luts.push_back(lut);
+      }
     }
+    if (grp.four_bit && (blocksize <= 0 || blocksize % 2 != 0))
+      fail("4-bit optimizer states need an even blocksize (they are always blockwise)");
     grp.blocksize = blocksize;
   }
   for (size_t i = 0; i < nt; ++i) {
@@ -101,18 +121,21 @@ Group build_group(const Arrays& params, const Arrays& grads, const std::vector<A
       t.unorm_out = static_cast<float*>(unorm_out[i].data());
     }
     const int64_t blocks = grp.eight_bit && blocksize > 0 ? ceil_div(n, blocksize) : 1;
+    const int64_t row_bytes = grp.four_bit ? ceil_div(n, int64_t(2)) : n;  // a quantized logical state's storage
     int k = 0;
     for (size_t j = 0; j < rows.size(); ++j) {
       const Array& s = storage[j][i];
-      if (int64_t(s.size()) != rows[j] * n) fail("state size does not match its parameter (" + std::to_string(s.size()) +
-                                                 " values for " + std::to_string(n) + " elements)");
+      const int64_t row_size = grp.eight_bit ? row_bytes : n;
+      if (int64_t(s.size()) != rows[j] * row_size)
+        fail("state size does not match its parameter (" + std::to_string(s.size()) + " values for " +
+             std::to_string(n) + " elements" + (grp.four_bit ? " in 4-bit codes, two per byte)" : ")"));
       if (grp.eight_bit) {
         if (s.dtype() != nb::dtype<uint8_t>()) throw nb::type_error("8-bit states must all be uint8");
         const Array& a = absmax[j][i];
         if (a.dtype() != nb::dtype<float>()) throw nb::type_error("absmax must be float32");
         if (int64_t(a.size()) != rows[j] * blocks) fail("absmax size does not match the state and blocksize");
         for (int r = 0; r < rows[j]; ++r, ++k) {
-          t.codes[k] = static_cast<uint8_t*>(s.data()) + r * n;
+          t.codes[k] = static_cast<uint8_t*>(s.data()) + r * row_bytes;
           t.absmax[k] = static_cast<float*>(a.data()) + r * blocks;
         }
       } else {
@@ -152,8 +175,14 @@ void launch(const Group& grp, const std::vector<Rule>& rules, void (*fn)(const O
   call.ntensors = int64_t(grp.tensors.size());
   call.dtype = grp.dtype;
   call.eight_bit = grp.eight_bit;
+  call.four_bit = grp.four_bit;
   call.blocksize = grp.blocksize;
   for (size_t k = 0; k < grp.luts.size() && k < 3; ++k) call.luts[k] = grp.luts[k].get();
+  for (size_t k = 0; k < grp.code4.size() && k < 3; ++k) {
+    call.code4[k] = grp.code4[k];
+    call.mids4[k] = grp.mids4[k];
+  }
+  if (grp.four_bit && max_unorm > 0.0) fail("4-bit optimizer states do not support a trust ratio (max_unorm)");
   call.skip_zeros = skip_zeros;
   call.max_unorm = float(max_unorm);
   call.trust_eps = float(trust_eps);

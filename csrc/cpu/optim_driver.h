@@ -129,6 +129,8 @@ void run_optim_call(const OptimCall<Rule>& call, int threads) {
     if (!call.eight_bit) {
       const auto [begin, end] = range_of(it);
       Blocks::template update32<Rule, T>(call, t, r, begin, end);
+    } else if (call.four_bit) {
+      Blocks::template update4_blocks<Rule, T>(call, t, r, it.first, it.last);
     } else if (blockwise8) {
       Blocks::template update8_blocks<Rule, T>(call, t, r, it.first, it.last);
     } else {

@@ -193,6 +193,24 @@ inline uint8_t nearest_code_index(float s, const float* mids) {
   return uint8_t(c);
 }
 
+// Note [4-bit optimizer states]: the count of a 16-value map's 15 midpoints strictly below s (NaN: 0).
+inline uint8_t code4_index(float s, const float* mids) {
+  if (s != s) return 0;
+  uint8_t c = 0;
+  for (int i = 0; i < 15; ++i) c += mids[i] < s ? 1 : 0;
+  return c;
+}
+
+// Nibble (un)packing of Note [4-bit optimizer states]: element 2i in the high nibble of byte i. `start`
+// of a span is even, so its first element is a high nibble; an odd final element leaves the low nibble 0.
+inline void unpack_nibbles(const uint8_t* packed, int64_t len, uint8_t* codes) {
+  for (int64_t j = 0; j < len; ++j) codes[j] = (j & 1) ? packed[j >> 1] & 0x0f : packed[j >> 1] >> 4;
+}
+inline void pack_nibbles(const uint8_t* codes, int64_t len, uint8_t* packed) {
+  for (int64_t j = 0; j + 1 < len; j += 2) packed[j >> 1] = uint8_t((codes[j] << 4) | (codes[j + 1] & 0x0f));
+  if (len & 1) packed[len >> 1] = uint8_t(codes[len - 1] << 4);
+}
+
 inline uint8_t nf4_code(float s) {
   uint8_t c = 0;
   for (int i = 0; i < 15; ++i) c += formats::nf4_midpoint(i) < s ? 1 : 0;

@@ -32,18 +32,39 @@ class _StateIO:
     def __init__(self, storages: Sequence[torch.Tensor], absmaxes: Sequence[torch.Tensor] | None,
                  qmaps: Sequence[torch.Tensor], rows: Sequence[int], n: int, blocksize: int):
         self.storages, self.absmaxes, self.qmaps, self.rows, self.n = storages, absmaxes, qmaps, rows, n
-        self.eight_bit = storages[0].dtype == torch.uint8
+        self.eight_bit = storages[0].dtype == torch.uint8  # quantized (8-bit, or 4-bit with 16-value maps)
+        self.four_bit = self.eight_bit and qmaps[0].numel() == 16  # Note [4-bit optimizer states]
+        self.row_size = (n + 1) // 2 if self.four_bit else n
         self.blocksize = blocksize if blocksize > 0 else max(n, 1)
+
+    def _codes(self, packed_row: torch.Tensor) -> torch.Tensor:
+        if not self.four_bit:
+            return packed_row
+        return torch.stack([packed_row >> 4, packed_row & 0x0F], dim=1).reshape(-1)[: self.n]
+
+    def _quantize(self, values: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blockwise absmax and exact-nearest codes (8-bit: the quantize_blockwise op's reference; 4-bit: the
+        same rule over a 16-value map)."""
+        if not self.four_bit:
+            return reference.quantize_blockwise(values, qmap, self.blocksize)
+        absmax, scaled, _ = reference.absmax_and_scaled(values, self.blocksize)
+        return reference.count_below(reference.midpoints(qmap), scaled).to(torch.uint8), absmax
+
+    def _packed(self, codes: torch.Tensor) -> torch.Tensor:
+        if not self.four_bit:
+            return codes
+        pairs = torch.cat([codes.reshape(-1), codes.new_zeros(self.n % 2)]).reshape(-1, 2)
+        return (pairs[:, 0] << 4) | pairs[:, 1]
 
     def read(self) -> list[torch.Tensor]:
         out = []
         for j, storage in enumerate(self.storages):
-            flat = storage.reshape(self.rows[j], self.n)
+            flat = storage.reshape(self.rows[j], self.row_size if self.eight_bit else self.n)
             for r in range(self.rows[j]):
                 if self.eight_bit:
                     absmax = self.absmaxes[j].reshape(self.rows[j], -1)[r]
-                    out.append(reference._dequantize_blockwise(flat[r], absmax, self.qmaps[j], self.blocksize,
-                                                               torch.float32))
+                    out.append(reference._dequantize_blockwise(self._codes(flat[r]), absmax, self.qmaps[j],
+                                                               self.blocksize, torch.float32))
                 else:
                     out.append(flat[r].clone())
         return out
@@ -51,11 +72,11 @@ class _StateIO:
     def write(self, states: Sequence[torch.Tensor]) -> None:
         k = 0
         for j, storage in enumerate(self.storages):
-            flat = storage.view(self.rows[j], self.n)
+            flat = storage.view(self.rows[j], self.row_size if self.eight_bit else self.n)
             for r in range(self.rows[j]):
                 if self.eight_bit:
-                    codes, absmax = reference.quantize_blockwise(states[k], self.qmaps[j], self.blocksize)
-                    flat[r].copy_(codes)
+                    codes, absmax = self._quantize(states[k], self.qmaps[j])
+                    flat[r].copy_(self._packed(codes))
                     self.absmaxes[j].view(self.rows[j], -1)[r].copy_(absmax)
                 else:
                     flat[r].copy_(states[k])

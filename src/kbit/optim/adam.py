@@ -11,6 +11,17 @@ Note: as in bitsandbytes, weight decay is always *decoupled* (AdamW-style), also
 ``kbit.optim.Adam(weight_decay=x)`` equals ``torch.optim.AdamW(weight_decay=x)``, not torch's ``Adam``
 with L2 regularization. ``Adam`` and ``AdamW`` differ only in the default ``weight_decay``.
 8-bit variants keep m (signed dynamic map) and v (unsigned dynamic map) in blocks of 256 values.
+
+4-bit variants (``Adam4bit``, ``AdamW4bit``, ``optim_bits=4``; a kbit extension, after Li et al. 2023, "Memory
+Efficient Optimizers with 4-bit States") keep m and v in 4 bits, two per byte, with one float32 absmax per
+block of 128 values: 1.06 bytes of state per parameter. What matters, from the paper's ablations: small
+blocks (128, not 2048) for the first moment's outliers, and a second-moment map *without zero* — a v
+quantized to 0 turns m / (sqrt(v) + eps) into a huge step. m uses a 16-value signed dynamic-exponent map,
+v an unsigned one whose smallest value is 2e-4 of the block's maximum (``kbit.formats``). The paper's best
+second-moment normalization (rank-1: min of row and column maxima) would need the whole new v before
+quantizing any of it, i.e. a second pass over the tensor; blockwise (B128, zero-free map) is the
+paper's single-pass alternative and is what the fused kernel does. The Python reference is
+``kbit.backends.reference_optim``. Parameters below ``min_8bit_size`` elements keep 32-bit state.
 """
 
 from __future__ import annotations
@@ -99,5 +110,29 @@ class PagedAdamW8bit(AdamW8bit):
 
 class PagedAdamW32bit(AdamW32bit):
     """:class:`AdamW` with paged 32-bit state."""
+
+    _FORCED_PAGED = True
+
+
+class Adam4bit(Adam):
+    """:class:`Adam` with 4-bit blockwise state (kbit extension)."""
+
+    _FORCED_BITS = 4
+
+
+class PagedAdam4bit(Adam4bit):
+    """:class:`Adam` with paged 4-bit state."""
+
+    _FORCED_PAGED = True
+
+
+class AdamW4bit(AdamW):
+    """:class:`AdamW` with 4-bit blockwise state (kbit extension): 1.06 bytes of state per parameter."""
+
+    _FORCED_BITS = 4
+
+
+class PagedAdamW4bit(AdamW4bit):
+    """:class:`AdamW` with paged 4-bit state."""
 
     _FORCED_PAGED = True

@@ -52,3 +52,15 @@ class PagedLion32bit(Lion32bit):
     """:class:`Lion` with paged 32-bit state."""
 
     _FORCED_PAGED = True
+
+
+class Lion4bit(Lion):
+    """:class:`Lion` with 4-bit blockwise state (kbit extension; signed 16-value map, blocks of 128)."""
+
+    _FORCED_BITS = 4
+
+
+class PagedLion4bit(Lion4bit):
+    """:class:`Lion` with paged 4-bit state."""
+
+    _FORCED_PAGED = True

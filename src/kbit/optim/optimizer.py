@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from .. import functional as F
-from ..formats import OPTIMIZER_BLOCKSIZE_8BIT
+from ..formats import (OPTIMIZER_4BIT_SIGNED_MAP, OPTIMIZER_4BIT_UNSIGNED_MAP, OPTIMIZER_BLOCKSIZE_4BIT,
+                       OPTIMIZER_BLOCKSIZE_8BIT)
 from . import families, state_layout, stochastic_rounding
 from .manager import GlobalOptimManager
 
@@ -94,6 +95,9 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.name2qmap["udynamic"] = F.create_dynamic_map(signed=False)
 
     def _qmap(self, name: str, device: torch.device) -> torch.Tensor:
+        if name in ("dynamic4", "udynamic4") and name not in self.name2qmap:  # Note [4-bit optimizer states]
+            values = OPTIMIZER_4BIT_SIGNED_MAP if name == "dynamic4" else OPTIMIZER_4BIT_UNSIGNED_MAP
+            self.name2qmap[name] = torch.tensor(values, dtype=torch.float32)
         if name not in self.name2qmap:
             self.fill_qmap()
         if self.name2qmap[name].device != device:
@@ -144,9 +148,10 @@ class Optimizer8bit(torch.optim.Optimizer):
         """Create the state of ``p`` (bitsandbytes' layout, state_layout.py)."""
         config = self.get_config(gindex, pindex, group)
         bits = config["optim_bits"]
-        if bits not in (8, 32):
+        if bits not in (4, 8, 32):
             raise NotImplementedError(f"Amount of optimizer bits not supported: {bits}")
-        eight_bit = bits == 8 and p.numel() >= config["min_8bit_size"]
+        eight_bit = bits in (4, 8) and p.numel() >= config["min_8bit_size"]  # quantized (8- or 4-bit)
+        four_bit = eight_bit and bits == 4
         if self.is_paged:
             self._warn_paged()
         state = self.state[p]
@@ -155,7 +160,14 @@ class Optimizer8bit(torch.optim.Optimizer):
         for j, rows in enumerate(family.rows):
             shape = (rows, *p.shape) if rows > 1 else p.shape
             name = f"state{j + 1}"
-            if eight_bit:
+            if four_bit:  # two codes per byte, flat per logical state (Note [4-bit optimizer states])
+                packed = (p.numel() + 1) // 2
+                state[name] = torch.zeros((rows, packed) if rows > 1 else (packed,), dtype=torch.uint8, device=p.device)
+                state[f"qmap{j + 1}"] = self._qmap("dynamic4" if family.signed[j] else "udynamic4", p.device)
+                blocks = -(-p.numel() // OPTIMIZER_BLOCKSIZE_4BIT)
+                state[f"absmax{j + 1}"] = torch.zeros((rows, blocks) if rows > 1 else (blocks,), dtype=torch.float32,
+                                                      device=p.device)
+            elif eight_bit:
                 state[name] = torch.zeros(shape, dtype=torch.uint8, device=p.device)
                 state[f"qmap{j + 1}"] = self._qmap("dynamic" if family.signed[j] else "udynamic", p.device)
                 if config["block_wise"]:
@@ -355,7 +367,8 @@ class Optimizer2State(Optimizer8bit):
         optimizer_name: the update rule ("adam", "lamb", "ademamix").
         params: parameters or parameter groups.
         lr, betas, eps, weight_decay: the rule's hyper-parameters (betas may be a string "(0.9, 0.999)").
-        optim_bits: 32 or 8.
+        optim_bits: 32, 8 or 4 (4: a kbit extension for Adam/AdamW, Lion and SGD with momentum; see
+            :mod:`kbit.optim.adam`).
         args: an object with attributes optim_bits, min_8bit_size, percentile_clipping, block_wise,
             max_unorm, skip_zeros; when given it replaces those constructor arguments.
         min_8bit_size: parameters with fewer elements keep 32-bit state.
@@ -407,8 +420,8 @@ class Optimizer1State(Optimizer8bit):
 def _make_args(args, optim_bits, min_8bit_size, percentile_clipping, block_wise, max_unorm, skip_zeros):
     if args is not None:
         return args
-    if optim_bits not in (8, 32):
-        raise ValueError(f"optim_bits must be 8 or 32 (got {optim_bits})")
+    if optim_bits not in (4, 8, 32):
+        raise ValueError(f"optim_bits must be 32, 8 or 4 (got {optim_bits})")
     if not isinstance(percentile_clipping, int) or not 0 < percentile_clipping <= 100:
         raise ValueError(f"percentile_clipping must be an int in 1..100 (got {percentile_clipping!r})")
     if max_unorm < 0:
