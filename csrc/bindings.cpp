@@ -12,6 +12,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <cstdint>
+#include <iterator>
 #include <stdexcept>
 #include <string>
 
@@ -198,6 +199,11 @@ nb::dict format_tables() {
   d["nested_blocksize_4bit"] = formats::kNestedBlocksize4bit;
   d["code_size_8bit"] = formats::kCodeSize8bit;
   d["optimizer_blocksize_8bit"] = formats::kOptimizerBlocksize8bit;
+  d["optimizer_blocksize_4bit"] = formats::kOptimizerBlocksize4bit;
+  d["optimizer_4bit_signed_map"] = std::vector<float>(std::begin(formats::kOptimizer4bitSignedMap),
+                                                      std::end(formats::kOptimizer4bitSignedMap));
+  d["optimizer_4bit_unsigned_map"] = std::vector<float>(std::begin(formats::kOptimizer4bitUnsignedMap),
+                                                        std::end(formats::kOptimizer4bitUnsignedMap));
   d["high_nibble_shift"] = formats::kHighNibbleShift;
   return d;
 }

@@ -80,6 +80,31 @@ inline constexpr int kCodeSize8bit = 256;
 // Block size of blockwise 8-bit optimizer states (bitsandbytes >= 0.44; 2048 before).
 inline constexpr int64_t kOptimizerBlocksize8bit = 256;
 
+// 4-bit optimizer states (Note [4-bit optimizer states], csrc/cpu/optim_call.h), after Li et al. 2023,
+// "Memory Efficient Optimizers with 4-bit States": small blocks, a dynamic-exponent map for first moments
+// and a map without zero for second moments (a second moment quantized to 0 would make its update
+// m / (sqrt(v) + eps) explode). Values are v / absmax of the block.
+inline constexpr int64_t kOptimizerBlocksize4bit = 128;
+// Signed dynamic exponent: sign, then decades 10^-2 .. 10^0 with 1, 2 and 4 linear steps, plus 0 and 1.
+inline constexpr float kOptimizer4bitSignedMap[16] = {
+    -0.8875f, -0.6625f, -0.4375f, -0.2125f, -0.0775f, -0.0325f, -0.0055f, 0.0f,
+    0.0055f,  0.0325f,  0.0775f,  0.2125f,  0.4375f,  0.6625f,  0.8875f,  1.0f};
+// Unsigned, without zero: from 2e-4 of the block maximum, roughly geometric up to 0.1 and then close to
+// uniform in sqrt(v) (the update divides by sqrt(v)). Chosen over a zero-free dynamic-exponent map (floor
+// 1e-3), a linear map ((i + 1) / 16) and a sqrt-uniform one on a byte-level model (BENCHMARKS.md).
+inline constexpr float kOptimizer4bitUnsignedMap[16] = {
+    0.0002f, 0.0007f, 0.002f, 0.005f, 0.01f, 0.02f, 0.035f, 0.06f,
+    0.1f,    0.16f,   0.25f,  0.36f,  0.5f,  0.66f, 0.83f,  1.0f};
+constexpr bool strictly_increasing16(const float* m) {
+  for (int i = 0; i < 15; ++i)
+    if (!(m[i] < m[i + 1])) return false;
+  return true;
+}
+static_assert(strictly_increasing16(kOptimizer4bitSignedMap) && strictly_increasing16(kOptimizer4bitUnsignedMap),
+              "4-bit optimizer maps must be sorted without repeats (codes are counts of midpoints below)");
+static_assert(kOptimizer4bitUnsignedMap[0] > 0.0f, "the second-moment map must not contain zero");
+static_assert(kOptimizerBlocksize4bit % 2 == 0, "4-bit state blocks must not split a byte");
+
 enum class QuantType4bit : int { kFP4 = 0, kNF4 = 1 };
 
 }  // namespace formats

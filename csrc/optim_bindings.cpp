@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -45,6 +46,9 @@ struct Group {
   std::vector<std::shared_ptr<const CodeLut>> luts;
   ParamDtype dtype = ParamDtype::kF32;
   bool eight_bit = false;
+  bool four_bit = false;                   // Note [4-bit optimizer states]
+  std::vector<const float*> code4, mids4;  // 4-bit: per logical state
+  std::vector<std::vector<float>> mids4_storage;
   int64_t blocksize = 0;
 };
 
@@ -69,17 +73,33 @@ Group build_group(const Arrays& params, const Arrays& grads, const std::vector<A
       if (a.size() != nt) fail("every absmax list must have one entry per parameter");
     if (blocksize < 0 || blocksize > kMaxFusedBlock)
       fail("8-bit optimizer blocksize must be in 1.." + std::to_string(kMaxFusedBlock) + ", or 0 for one absmax per tensor");
+    grp.four_bit = qmaps[0].size() == 16;
+    const size_t code_size = grp.four_bit ? 16 : 256;
+    grp.mids4_storage.reserve(rows.size());  // pointers into it are kept
     for (size_t j = 0; j < rows.size(); ++j) {
       const Array& q = qmaps[j];
-      if (q.dtype() != nb::dtype<float>() || q.size() != 256) fail("qmap must be 256 float32 values");
+      if (q.dtype() != nb::dtype<float>() || q.size() != code_size)
+        fail("qmaps must all be 256 float32 values (8-bit states) or all 16 (4-bit states)");
       const float* c = static_cast<const float*>(q.data());
-      for (int i = 0; i < 256; ++i)
+      for (size_t i = 0; i < code_size; ++i)
         if (c[i] != c[i]) fail("qmap must not contain NaN");
-      for (int i = 0; i + 1 < 256; ++i)
+      for (size_t i = 0; i + 1 < code_size; ++i)
         if (c[i] > c[i + 1]) fail("qmap must be sorted ascending");
-      const auto lut = get_code_lut(c);
-      for (int r = 0; r < rows[j]; ++r) grp.luts.push_back(lut);
+      if (grp.four_bit) {
+        std::vector<float> mids(16, std::numeric_limits<float>::infinity());
+        for (int i = 0; i < 15; ++i) mids[size_t(i)] = (c[i] + c[i + 1]) / 2.0f;
+        grp.mids4_storage.push_back(std::move(mids));
+        for (int r = 0; r < rows[j]; ++r) {
+          grp.code4.push_back(c);
+          grp.mids4.push_back(grp.mids4_storage.back().data());
+        }
+      } else {
+        const auto lut = get_code_lut(c);
+        for (int r = 0; r < rows[j]; ++r) grp.luts.push_back(lut);
+      }
     }
+    if (grp.four_bit && (blocksize <= 0 || blocksize % 2 != 0))
+      fail("4-bit optimizer states need an even blocksize (they are always blockwise)");
     grp.blocksize = blocksize;
   }
   for (size_t i = 0; i < nt; ++i) {
@@ -101,18 +121,21 @@ Group build_group(const Arrays& params, const Arrays& grads, const std::vector<A
       t.unorm_out = static_cast<float*>(unorm_out[i].data());
     }
     const int64_t blocks = grp.eight_bit && blocksize > 0 ? ceil_div(n, blocksize) : 1;
+    const int64_t row_bytes = grp.four_bit ? ceil_div(n, int64_t(2)) : n;  // a quantized logical state's storage
     int k = 0;
     for (size_t j = 0; j < rows.size(); ++j) {
       const Array& s = storage[j][i];
-      if (int64_t(s.size()) != rows[j] * n) fail("state size does not match its parameter (" + std::to_string(s.size()) +
-                                                 " values for " + std::to_string(n) + " elements)");
+      const int64_t row_size = grp.eight_bit ? row_bytes : n;
+      if (int64_t(s.size()) != rows[j] * row_size)
+        fail("state size does not match its parameter (" + std::to_string(s.size()) + " values for " +
+             std::to_string(n) + " elements" + (grp.four_bit ? " in 4-bit codes, two per byte)" : ")"));
       if (grp.eight_bit) {
         if (s.dtype() != nb::dtype<uint8_t>()) throw nb::type_error("8-bit states must all be uint8");
         const Array& a = absmax[j][i];
         if (a.dtype() != nb::dtype<float>()) throw nb::type_error("absmax must be float32");
         if (int64_t(a.size()) != rows[j] * blocks) fail("absmax size does not match the state and blocksize");
         for (int r = 0; r < rows[j]; ++r, ++k) {
-          t.codes[k] = static_cast<uint8_t*>(s.data()) + r * n;
+          t.codes[k] = static_cast<uint8_t*>(s.data()) + r * row_bytes;
           t.absmax[k] = static_cast<float*>(a.data()) + r * blocks;
         }
       } else {
@@ -131,6 +154,18 @@ void check_lengths(size_t nt, const std::vector<double>& lr, const std::vector<i
     if (s < 1) fail("step must be >= 1 (it counts the step being taken)");
 }
 
+// Per-tensor seeds of Note [stochastic rounding]; empty: every parameter is rounded to nearest even.
+void set_stochastic_rounding(Group& grp, const std::vector<int64_t>& sr_seed) {
+  if (sr_seed.empty()) return;
+  if (sr_seed.size() != grp.tensors.size()) fail("sr_seed must be empty or have one entry per parameter");
+  if (grp.dtype != ParamDtype::kBF16) fail("stochastic rounding applies to bfloat16 parameters only");
+  for (size_t i = 0; i < sr_seed.size(); ++i) {
+    if (sr_seed[i] < 0 || sr_seed[i] > int64_t(UINT32_MAX)) fail("sr_seed values must be in 0..2^32-1");
+    grp.tensors[i].stochastic_round = true;
+    grp.tensors[i].sr_seed = uint32_t(sr_seed[i]);
+  }
+}
+
 template <class Rule>
 void launch(const Group& grp, const std::vector<Rule>& rules, void (*fn)(const OptimCall<Rule>&, int), bool skip_zeros,
             double max_unorm, double trust_eps, int threads) {
@@ -140,8 +175,14 @@ void launch(const Group& grp, const std::vector<Rule>& rules, void (*fn)(const O
   call.ntensors = int64_t(grp.tensors.size());
   call.dtype = grp.dtype;
   call.eight_bit = grp.eight_bit;
+  call.four_bit = grp.four_bit;
   call.blocksize = grp.blocksize;
   for (size_t k = 0; k < grp.luts.size() && k < 3; ++k) call.luts[k] = grp.luts[k].get();
+  for (size_t k = 0; k < grp.code4.size() && k < 3; ++k) {
+    call.code4[k] = grp.code4[k];
+    call.mids4[k] = grp.mids4[k];
+  }
+  if (grp.four_bit && max_unorm > 0.0) fail("4-bit optimizer states do not support a trust ratio (max_unorm)");
   call.skip_zeros = skip_zeros;
   call.max_unorm = float(max_unorm);
   call.trust_eps = float(trust_eps);
@@ -152,11 +193,12 @@ void launch(const Group& grp, const std::vector<Rule>& rules, void (*fn)(const O
 void adam_step(Arrays params, Arrays grads, Arrays state1, Arrays state2, Arrays absmax1, Arrays absmax2, Arrays qmaps,
                int64_t blocksize, std::vector<double> lr, std::vector<int64_t> step, std::vector<double> gnorm_scale,
                Arrays unorm_out, double beta1, double beta2, double eps, double weight_decay, double max_unorm,
-               bool skip_zeros, bool bias_correction, int threads) {
+               bool skip_zeros, bool bias_correction, std::vector<int64_t> sr_seed, int threads) {
   std::vector<Arrays> absmax;
   if (!absmax1.empty()) absmax = {absmax1, absmax2};
   Group grp = build_group(params, grads, {state1, state2}, absmax, qmaps, {1, 1}, blocksize, gnorm_scale, unorm_out);
   check_lengths(grp.tensors.size(), lr, step);
+  set_stochastic_rounding(grp, sr_seed);
   std::vector<AdamRule> rules(grp.tensors.size());
   for (size_t i = 0; i < rules.size(); ++i) {
     const double bc1 = bias_correction ? 1.0 - std::pow(beta1, double(step[i])) : 1.0;
@@ -172,12 +214,13 @@ void adam_step(Arrays params, Arrays grads, Arrays state1, Arrays state2, Arrays
 void ademamix_step(Arrays params, Arrays grads, Arrays state1, Arrays state2, Arrays absmax1, Arrays absmax2,
                    Arrays qmaps, int64_t blocksize, std::vector<double> lr, std::vector<int64_t> step,
                    std::vector<double> gnorm_scale, std::vector<double> beta3, std::vector<double> alpha, double beta1,
-                   double beta2, double eps, double weight_decay, int threads) {
+                   double beta2, double eps, double weight_decay, std::vector<int64_t> sr_seed, int threads) {
   std::vector<Arrays> absmax;
   if (!absmax1.empty()) absmax = {absmax1, absmax2};
   Arrays no_unorm;
   Group grp = build_group(params, grads, {state1, state2}, absmax, qmaps, {2, 1}, blocksize, gnorm_scale, no_unorm);
   check_lengths(grp.tensors.size(), lr, step);
+  set_stochastic_rounding(grp, sr_seed);
   if (beta3.size() != grp.tensors.size() || alpha.size() != grp.tensors.size())
     fail("beta3 and alpha must have one entry per parameter");
   std::vector<AdEMAMixRule> rules(grp.tensors.size());
@@ -194,12 +237,13 @@ void ademamix_step(Arrays params, Arrays grads, Arrays state1, Arrays state2, Ar
 
 void lion_step(Arrays params, Arrays grads, Arrays state1, Arrays absmax1, Arrays qmaps, int64_t blocksize,
                std::vector<double> lr, std::vector<int64_t> step, std::vector<double> gnorm_scale, double beta1,
-               double beta2, double weight_decay, bool skip_zeros, int threads) {
+               double beta2, double weight_decay, bool skip_zeros, std::vector<int64_t> sr_seed, int threads) {
   std::vector<Arrays> absmax;
   if (!absmax1.empty()) absmax = {absmax1};
   Arrays no_unorm;
   Group grp = build_group(params, grads, {state1}, absmax, qmaps, {1}, blocksize, gnorm_scale, no_unorm);
   check_lengths(grp.tensors.size(), lr, step);
+  set_stochastic_rounding(grp, sr_seed);
   std::vector<LionRule> rules(grp.tensors.size());
   for (size_t i = 0; i < rules.size(); ++i) {
     rules[i] = {float(beta1), float(beta2), float(1.0 - beta1), float(1.0 - beta2), float(1.0 - lr[i] * weight_decay)};
@@ -211,11 +255,12 @@ void lion_step(Arrays params, Arrays grads, Arrays state1, Arrays absmax1, Array
 void momentum_step(Arrays params, Arrays grads, Arrays state1, Arrays absmax1, Arrays qmaps, int64_t blocksize,
                    std::vector<double> lr, std::vector<int64_t> step, std::vector<double> gnorm_scale,
                    Arrays unorm_out, double momentum, double dampening, double weight_decay, bool nesterov,
-                   double max_unorm, double trust_eps, bool skip_zeros, int threads) {
+                   double max_unorm, double trust_eps, bool skip_zeros, std::vector<int64_t> sr_seed, int threads) {
   std::vector<Arrays> absmax;
   if (!absmax1.empty()) absmax = {absmax1};
   Group grp = build_group(params, grads, {state1}, absmax, qmaps, {1}, blocksize, gnorm_scale, unorm_out);
   check_lengths(grp.tensors.size(), lr, step);
+  set_stochastic_rounding(grp, sr_seed);
   std::vector<MomentumRule> rules(grp.tensors.size());
   for (size_t i = 0; i < rules.size(); ++i) {
     rules[i] = {float(momentum), float(1.0 - dampening), float(weight_decay), nesterov, step[i] == 1};
@@ -226,11 +271,13 @@ void momentum_step(Arrays params, Arrays grads, Arrays state1, Arrays absmax1, A
 
 void rmsprop_step(Arrays params, Arrays grads, Arrays state1, Arrays absmax1, Arrays qmaps, int64_t blocksize,
                   std::vector<double> lr, std::vector<int64_t> step, std::vector<double> gnorm_scale, Arrays unorm_out,
-                  double alpha, double eps, double weight_decay, double max_unorm, bool skip_zeros, int threads) {
+                  double alpha, double eps, double weight_decay, double max_unorm, bool skip_zeros,
+                  std::vector<int64_t> sr_seed, int threads) {
   std::vector<Arrays> absmax;
   if (!absmax1.empty()) absmax = {absmax1};
   Group grp = build_group(params, grads, {state1}, absmax, qmaps, {1}, blocksize, gnorm_scale, unorm_out);
   check_lengths(grp.tensors.size(), lr, step);
+  set_stochastic_rounding(grp, sr_seed);
   std::vector<RMSpropRule> rules(grp.tensors.size());
   for (size_t i = 0; i < rules.size(); ++i) {
     rules[i] = {float(alpha), float(1.0 - alpha), float(eps), float(weight_decay)};
@@ -241,12 +288,13 @@ void rmsprop_step(Arrays params, Arrays grads, Arrays state1, Arrays absmax1, Ar
 
 void adagrad_step(Arrays params, Arrays grads, Arrays state1, Arrays absmax1, Arrays qmaps, int64_t blocksize,
                   std::vector<double> lr, std::vector<int64_t> step, std::vector<double> gnorm_scale, double eps,
-                  double weight_decay, double lr_decay, bool skip_zeros, int threads) {
+                  double weight_decay, double lr_decay, bool skip_zeros, std::vector<int64_t> sr_seed, int threads) {
   std::vector<Arrays> absmax;
   if (!absmax1.empty()) absmax = {absmax1};
   Arrays no_unorm;
   Group grp = build_group(params, grads, {state1}, absmax, qmaps, {1}, blocksize, gnorm_scale, no_unorm);
   check_lengths(grp.tensors.size(), lr, step);
+  set_stochastic_rounding(grp, sr_seed);
   std::vector<AdagradRule> rules(grp.tensors.size());
   for (size_t i = 0; i < rules.size(); ++i) {
     rules[i] = {float(eps), float(weight_decay)};
@@ -261,20 +309,20 @@ void register_optim_bindings(nb::module_& m) {
   const auto a = [](const char* name) { return nb::arg(name).noconvert(); };
   m.def("adam_step", &adam_step, a("params"), a("grads"), a("state1"), a("state2"), a("absmax1"), a("absmax2"),
         a("qmaps"), "blocksize"_a, "lr"_a, "step"_a, "gnorm_scale"_a, a("unorm_out"), "beta1"_a, "beta2"_a, "eps"_a,
-        "weight_decay"_a, "max_unorm"_a, "skip_zeros"_a, "bias_correction"_a, "threads"_a);
+        "weight_decay"_a, "max_unorm"_a, "skip_zeros"_a, "bias_correction"_a, "sr_seed"_a, "threads"_a);
   m.def("ademamix_step", &ademamix_step, a("params"), a("grads"), a("state1"), a("state2"), a("absmax1"), a("absmax2"),
         a("qmaps"), "blocksize"_a, "lr"_a, "step"_a, "gnorm_scale"_a, "beta3"_a, "alpha"_a, "beta1"_a, "beta2"_a,
-        "eps"_a, "weight_decay"_a, "threads"_a);
+        "eps"_a, "weight_decay"_a, "sr_seed"_a, "threads"_a);
   m.def("lion_step", &lion_step, a("params"), a("grads"), a("state1"), a("absmax1"), a("qmaps"), "blocksize"_a, "lr"_a,
-        "step"_a, "gnorm_scale"_a, "beta1"_a, "beta2"_a, "weight_decay"_a, "skip_zeros"_a, "threads"_a);
+        "step"_a, "gnorm_scale"_a, "beta1"_a, "beta2"_a, "weight_decay"_a, "skip_zeros"_a, "sr_seed"_a, "threads"_a);
   m.def("momentum_step", &momentum_step, a("params"), a("grads"), a("state1"), a("absmax1"), a("qmaps"), "blocksize"_a,
         "lr"_a, "step"_a, "gnorm_scale"_a, a("unorm_out"), "momentum"_a, "dampening"_a, "weight_decay"_a, "nesterov"_a,
-        "max_unorm"_a, "trust_eps"_a, "skip_zeros"_a, "threads"_a);
+        "max_unorm"_a, "trust_eps"_a, "skip_zeros"_a, "sr_seed"_a, "threads"_a);
   m.def("rmsprop_step", &rmsprop_step, a("params"), a("grads"), a("state1"), a("absmax1"), a("qmaps"), "blocksize"_a,
         "lr"_a, "step"_a, "gnorm_scale"_a, a("unorm_out"), "alpha"_a, "eps"_a, "weight_decay"_a, "max_unorm"_a,
-        "skip_zeros"_a, "threads"_a);
+        "skip_zeros"_a, "sr_seed"_a, "threads"_a);
   m.def("adagrad_step", &adagrad_step, a("params"), a("grads"), a("state1"), a("absmax1"), a("qmaps"), "blocksize"_a,
-        "lr"_a, "step"_a, "gnorm_scale"_a, "eps"_a, "weight_decay"_a, "lr_decay"_a, "skip_zeros"_a, "threads"_a);
+        "lr"_a, "step"_a, "gnorm_scale"_a, "eps"_a, "weight_decay"_a, "lr_decay"_a, "skip_zeros"_a, "sr_seed"_a, "threads"_a);
 }
 
 }  // namespace kbit

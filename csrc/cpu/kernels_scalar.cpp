@@ -91,7 +91,7 @@ struct OptimBlocks {
       float s[3];
       for (int k = 0; k < Rule::kStates; ++k) s[k] = t.state32[k][i];
       step_element(r, t.sc, c.skip_zeros, pf, to_f32(g[i]), s);
-      from_f32(pf, p + i);
+      write_param<T>(t, i, pf);
       for (int k = 0; k < Rule::kStates; ++k) t.state32[k][i] = s[k];
     }
   }
@@ -110,7 +110,7 @@ struct OptimBlocks {
       float s[3];
       for (int k = 0; k < Rule::kStates; ++k) s[k] = c.luts[k]->code[t.codes[k][i]] * old_am[k];
       step_element(r, t.sc, c.skip_zeros, pf, to_f32(g[i]), s);
-      from_f32(pf, p + i);
+      write_param<T>(t, i, pf);
       for (int k = 0; k < Rule::kStates; ++k) {
         buf[k][size_t(i - begin)] = s[k];
         if (abs_bits(s[k]) > max_bits[k]) max_bits[k] = abs_bits(s[k]);
@@ -132,6 +132,42 @@ struct OptimBlocks {
       for (int k = 0; k < Rule::kStates; ++k) old_am[k] = t.absmax[k][b];
       update8_range<Rule, T>(c, t, r, start, end, old_am, new_am, true);
       for (int k = 0; k < Rule::kStates; ++k) t.absmax[k][b] = new_am[k];
+    }
+  }
+
+  // Note [4-bit optimizer states], one element at a time.
+  template <class Rule, class T>
+  static void update4_blocks(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t b0, int64_t b1) {
+    T* p = static_cast<T*>(t.p);
+    const T* g = static_cast<const T*>(t.g);
+    std::vector<float> buf[3];
+    std::vector<uint8_t> codes[3];
+    for (int k = 0; k < Rule::kStates; ++k) {
+      buf[k].resize(size_t(c.blocksize));
+      codes[k].resize(size_t(c.blocksize));
+    }
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * c.blocksize, len = start + c.blocksize <= t.n ? c.blocksize : t.n - start;
+      uint32_t max_bits[3] = {0, 0, 0};
+      for (int k = 0; k < Rule::kStates; ++k) unpack_nibbles(t.codes[k] + start / 2, len, codes[k].data());
+      for (int64_t i = 0; i < len; ++i) {
+        float pf = to_f32(p[start + i]);
+        float s[3];
+        for (int k = 0; k < Rule::kStates; ++k) s[k] = c.code4[k][codes[k][size_t(i)]] * t.absmax[k][b];
+        step_element(r, t.sc, c.skip_zeros, pf, to_f32(g[start + i]), s);
+        write_param<T>(t, start + i, pf);
+        for (int k = 0; k < Rule::kStates; ++k) {
+          buf[k][size_t(i)] = s[k];
+          if (abs_bits(s[k]) > max_bits[k]) max_bits[k] = abs_bits(s[k]);
+        }
+      }
+      for (int k = 0; k < Rule::kStates; ++k) {
+        const float amax = absmax_from_bits(max_bits[k]);
+        t.absmax[k][b] = amax;
+        const float inv = block_reciprocal(amax);
+        for (int64_t i = 0; i < len; ++i) codes[k][size_t(i)] = code4_index(scale_and_clamp(buf[k][size_t(i)], inv), c.mids4[k]);
+        pack_nibbles(codes[k].data(), len, t.codes[k] + start / 2);
+      }
     }
   }
 

@@ -24,6 +24,26 @@ struct OptimBlocks {
       for (int64_t j = 0; j < blocksize; j += 64) __builtin_prefetch(t.codes[k] + start + j, 1);
   }
 
+  // Stores parameter elements [i, i + N) (Note [bf16 rounding], or Note [stochastic rounding]).
+  template <class T>
+  static void store_param(const OptimTensor& t, int64_t i, F v) {
+    T* p = static_cast<T*>(t.p) + i;
+    if constexpr (std::is_same_v<T, bf16_t>) {
+      if (t.stochastic_round) {
+        const uint64_t first = uint64_t(i);
+        if (uint32_t(first) <= 0xffffffffu - uint32_t(Ops::N - 1)) {  // the low halves of the indices do not wrap
+          Ops::store_stochastic(p, v, Ops::sr_bits(t.sr_seed, uint32_t(first), uint32_t(first >> 32)));
+        } else {
+          alignas(64) float lanes[Ops::N];
+          Ops::store(lanes, v);
+          for (int j = 0; j < Ops::N; ++j) write_param<T>(t, i + j, lanes[j]);
+        }
+        return;
+      }
+    }
+    Ops::store(p, v);
+  }
+
   // Vector form of step_element(): gnorm scaling, the rule, p -= k u, skip_zeros. Returns u (0 where skipped).
   template <class Rule>
   static F step_vector(const Rule& r, const StepScalars& sc, bool skip_zeros, F& p, F g, F* s) {
@@ -53,7 +73,7 @@ struct OptimBlocks {
       F s[3];
       for (int k = 0; k < Rule::kStates; ++k) s[k] = Ops::load(t.state32[k] + i);
       step_vector(r, t.sc, c.skip_zeros, pv, Ops::load(g + i), s);
-      Ops::store(p + i, pv);
+      store_param<T>(t, i, pv);
       for (int k = 0; k < Rule::kStates; ++k) Ops::store(t.state32[k] + i, s[k]);
     }
     for (; i < end; ++i) {
@@ -61,7 +81,7 @@ struct OptimBlocks {
       float s[3];
       for (int k = 0; k < Rule::kStates; ++k) s[k] = t.state32[k][i];
       step_element(r, t.sc, c.skip_zeros, pf, to_f32(g[i]), s);
-      from_f32(pf, p + i);
+      write_param<T>(t, i, pf);
       for (int k = 0; k < Rule::kStates; ++k) t.state32[k][i] = s[k];
     }
   }
@@ -69,25 +89,30 @@ struct OptimBlocks {
   // Blocks [b0, b1) of an 8-bit blockwise state, Note [optimizer step].
   // The update pass over [start, start + len) of 8-bit states: dequantize (scales am), step, write the
   // parameter, keep the new states in buf and return their max |.| bit patterns (for the new absmax).
-  template <class Rule, class T>
+  // codes[k][0..len) are the state codes of the span (one byte per element), qmap[k] their code map (16
+  // values when kFourBit: looked up in a register instead of gathered).
+  template <class Rule, class T, bool kFourBit = false>
   static void update_span(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t start, int64_t len,
-                          const float* am, float (*buf)[kMaxFusedBlock], uint32_t* max_bits) {
+                          const uint8_t* const* codes, const float* const* qmap, const float* am,
+                          float (*buf)[kMaxFusedBlock], uint32_t* max_bits) {
     T* p = static_cast<T*>(t.p) + start;
     const T* g = static_cast<const T*>(t.g) + start;
-    const float* qmap[3];
     typename Ops::I vmax[3];
+    typename Ops::T16 table[3];
     for (int k = 0; k < Rule::kStates; ++k) {
-      qmap[k] = c.luts[k]->code;
       vmax[k] = Ops::zero_i();
+      if constexpr (kFourBit) table[k] = Ops::table16(qmap[k]);
     }
     int64_t i = 0;
     for (; i + Ops::N <= len; i += Ops::N) {
       F pv = Ops::load(p + i);
       F s[3];
-      for (int k = 0; k < Rule::kStates; ++k)
-        s[k] = Ops::mul(Ops::gather(qmap[k], Ops::load_u8(t.codes[k] + start + i)), Ops::set1(am[k]));
+      for (int k = 0; k < Rule::kStates; ++k) {
+        const typename Ops::I idx = Ops::load_u8(codes[k] + i);
+        s[k] = Ops::mul(kFourBit ? Ops::lookup16(table[k], idx) : Ops::gather(qmap[k], idx), Ops::set1(am[k]));
+      }
       step_vector(r, t.sc, c.skip_zeros, pv, Ops::load(g + i), s);
-      Ops::store(p + i, pv);
+      store_param<T>(t, start + i, pv);
       for (int k = 0; k < Rule::kStates; ++k) {
         Ops::store(buf[k] + i, s[k]);
         vmax[k] = Ops::max_u32(vmax[k], Ops::abs_bits(s[k]));
@@ -97,9 +122,9 @@ struct OptimBlocks {
     for (; i < len; ++i) {
       float pf = to_f32(p[i]);
       float s[3];
-      for (int k = 0; k < Rule::kStates; ++k) s[k] = qmap[k][t.codes[k][start + i]] * am[k];
+      for (int k = 0; k < Rule::kStates; ++k) s[k] = qmap[k][codes[k][i]] * am[k];
       step_element(r, t.sc, c.skip_zeros, pf, to_f32(g[i]), s);
-      from_f32(pf, p + i);
+      write_param<T>(t, start + i, pf);
       for (int k = 0; k < Rule::kStates; ++k) {
         buf[k][i] = s[k];
         if (abs_bits(s[k]) > max_bits[k]) max_bits[k] = abs_bits(s[k]);
@@ -116,9 +141,15 @@ struct OptimBlocks {
       const int64_t len = start + c.blocksize <= t.n ? c.blocksize : t.n - start;
       float am[3];
       uint32_t max_bits[3];
-      for (int k = 0; k < Rule::kStates; ++k) am[k] = t.absmax[k][b];
+      const uint8_t* codes[3];
+      const float* qmap[3];
+      for (int k = 0; k < Rule::kStates; ++k) {
+        am[k] = t.absmax[k][b];
+        codes[k] = t.codes[k] + start;
+        qmap[k] = c.luts[k]->code;
+      }
       prefetch_block<Rule, T>(t, start + kPrefetchBlocks * c.blocksize, c.blocksize);
-      update_span<Rule, T>(c, t, r, start, len, am, buf, max_bits);
+      update_span<Rule, T>(c, t, r, start, len, codes, qmap, am, buf, max_bits);
       for (int k = 0; k < Rule::kStates; ++k) {
         const float amax = absmax_from_bits(max_bits[k]);
         t.absmax[k][b] = amax;
@@ -135,12 +166,51 @@ struct OptimBlocks {
     static_assert(kChunk <= kMaxFusedBlock, "update_span buffers hold kMaxFusedBlock values");
     alignas(64) float buf[3][kMaxFusedBlock];
     uint32_t unused_max[3];
+    const float* qmap[3];
+    for (int k = 0; k < Rule::kStates; ++k) qmap[k] = c.luts[k]->code;
     for (int64_t i = begin; i < end; i += kChunk) {
       const int64_t len = i + kChunk <= end ? kChunk : end - i;
-      update_span<Rule, T>(c, t, r, i, len, old_am, buf, unused_max);
+      const uint8_t* codes[3];
+      for (int k = 0; k < Rule::kStates; ++k) codes[k] = t.codes[k] + i;
+      update_span<Rule, T>(c, t, r, i, len, codes, qmap, old_am, buf, unused_max);
       for (int k = 0; k < Rule::kStates; ++k)
         quantize_values(buf[k], len, block_reciprocal(new_am[k]), finite_absmax(new_am[k]), LutView(*c.luts[k]),
                         t.codes[k] + i);
+    }
+  }
+
+  // Blocks [b0, b1) of a 4-bit blockwise state, Note [4-bit optimizer states]: the block's nibbles are
+  // unpacked to bytes, go through the same update pass as 8-bit codes, and are packed back.
+  template <class Rule, class T>
+  static void update4_blocks(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t b0, int64_t b1) {
+    alignas(64) float buf[3][kMaxFusedBlock];
+    alignas(64) uint8_t codes[3][kMaxFusedBlock];
+    ThresholdSearch search[3];
+    const uint8_t* code_ptr[3];
+    for (int k = 0; k < Rule::kStates; ++k) {
+      search[k] = make_search(c.mids4[k], 15, c.code4[k][0] < 0.0f ? -1.0f : 0.0f, 1.0f);
+      code_ptr[k] = codes[k];
+    }
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * c.blocksize;
+      const int64_t len = start + c.blocksize <= t.n ? c.blocksize : t.n - start;
+      float am[3];
+      uint32_t max_bits[3];
+      for (int k = 0; k < Rule::kStates; ++k) {
+        am[k] = t.absmax[k][b];
+        unpack_nibbles(t.codes[k] + start / 2, len, codes[k]);
+      }
+      update_span<Rule, T, true>(c, t, r, start, len, code_ptr, c.code4, am, buf, max_bits);
+      for (int k = 0; k < Rule::kStates; ++k) {
+        const float amax = absmax_from_bits(max_bits[k]);
+        t.absmax[k][b] = amax;
+        const F vinv = Ops::set1(block_reciprocal(amax));
+        int64_t j = 0;
+        for (; j + Ops::N <= len; j += Ops::N)
+          Ops::store_u8(codes[k] + j, count_below(search[k], Ops::clamp_unit(Ops::mul(Ops::load(buf[k] + j), vinv))));
+        for (; j < len; ++j) codes[k][j] = code4_index(scale_and_clamp(buf[k][j], block_reciprocal(amax)), c.mids4[k]);
+        pack_nibbles(codes[k], len, t.codes[k] + start / 2);
+      }
     }
   }
 

@@ -13,6 +13,13 @@ namespace kbit {
 
 enum class ParamDtype : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
+// Note [4-bit optimizer states]
+// A 4-bit state stores two codes per byte, element 2i in the high nibble and 2i+1 in the low one (the
+// order of 4-bit weights), with one absmax per block of an even number of elements, so no byte straddles
+// two blocks. Codes index a 16-value map (kbit/formats.py: signed dynamic-exponent map for first moments,
+// a zero-free map for second moments); a value's code is the count of the map's midpoints strictly below
+// it, as for 8-bit states. 4-bit states are always blockwise and have no trust ratio.
+
 // Largest 8-bit block whose new states are held in a stack buffer between update and requantization.
 inline constexpr int64_t kMaxFusedBlock = 4096;
 // 32-bit states and tensor-wise 8-bit states are processed in chunks of this many elements.
@@ -23,11 +30,13 @@ struct OptimTensor {
   const void* g;    // gradient, same dtype as p
   int64_t n;        // elements of p (a state has kStates * n values in total)
   float* state32[3];    // 32-bit mode: each logical state (n floats)
-  uint8_t* codes[3];    // 8-bit mode: each logical state's codes (n bytes)
-  float* absmax[3];     // 8-bit mode: per-block absmax (ceil(n / blocksize)), or 1 value when tensor-wise
+  uint8_t* codes[3];    // 8-bit mode: each logical state's codes (n bytes); 4-bit: packed (ceil(n / 2) bytes)
+  float* absmax[3];     // quantized modes: per-block absmax (ceil(n / blocksize)), or 1 value when tensor-wise
   float* unorm_out;     // receives the update norm of the trust-ratio test (may be null)
   StepScalars sc;       // gnorm_scale and k (the kernel multiplies k by the trust-ratio scale)
   double unorm_factor;  // the update norm is sqrt(sum u^2) * unorm_factor (1 / bc1 for adam, else 1)
+  bool stochastic_round;  // bf16 parameters: written with Note [stochastic rounding] (else round to nearest even)
+  uint32_t sr_seed;       // that rounding's per-tensor, per-step seed
 };
 
 template <class Rule>
@@ -36,9 +45,12 @@ struct OptimCall {
   const Rule* rules;  // one per tensor (per-tensor fields differ)
   int64_t ntensors;
   ParamDtype dtype;
-  bool eight_bit;
-  int64_t blocksize;               // 8-bit: block size (<= kMaxFusedBlock), or 0 for one absmax per tensor
+  bool eight_bit;                  // quantized states (8-bit, or 4-bit when four_bit)
+  bool four_bit;                   // Note [4-bit optimizer states]
+  int64_t blocksize;               // quantized: block size (<= kMaxFusedBlock), or 0 for one absmax per tensor
   const CodeLut* luts[3];          // 8-bit: the code map of each logical state
+  const float* code4[3];           // 4-bit: each logical state's 16-value code map (sorted)
+  const float* mids4[3];           // 4-bit: its 15 midpoints
   bool skip_zeros;
   // Note [trust ratio]
   // With max_unorm > 0 the step is scaled by min(1, (max_unorm * |p| + trust_eps) / |u|_scaled) where

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "optim_call.h"
@@ -36,6 +37,20 @@ struct Lanes16 {
 inline uint32_t abs_bits(float x) { return f32_bits(x) & 0x7fffffffu; }
 inline float absmax_from_bits(uint32_t bits) {
   return bits > 0x7f800000u ? std::numeric_limits<float>::quiet_NaN() : f32_from_bits(bits);
+}
+
+// p[i] = f, rounded once: to nearest even, or for bf16 parameters of a tensor that asks for it,
+// Note [stochastic rounding]. Used by the reference twins and every SIMD tail.
+template <class T>
+inline void write_param(const OptimTensor& t, int64_t i, float f) {
+  T* p = static_cast<T*>(t.p) + i;
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    if (t.stochastic_round) {
+      from_f32_stochastic(f, sr_bits(t.sr_seed, uint64_t(i)), p);
+      return;
+    }
+  }
+  from_f32(f, p);
 }
 
 struct WorkItem {
@@ -114,6 +129,8 @@ void run_optim_call(const OptimCall<Rule>& call, int threads) {
     if (!call.eight_bit) {
       const auto [begin, end] = range_of(it);
       Blocks::template update32<Rule, T>(call, t, r, begin, end);
+    } else if (call.four_bit) {
+      Blocks::template update4_blocks<Rule, T>(call, t, r, it.first, it.last);
     } else if (blockwise8) {
       Blocks::template update8_blocks<Rule, T>(call, t, r, it.first, it.last);
     } else {

@@ -75,6 +75,36 @@ inline void from_f32(float f, bf16_t* out) {
   }
   out->bits = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
+// Note [stochastic rounding]
+// With bf16_stochastic_round an optimizer writes a bfloat16 parameter by adding 16 random bits to the
+// float32 pattern and truncating: x rounds away from zero with probability (dropped bits) / 2^16, so the
+// expected stored value is x and updates smaller than half a bf16 ulp still move the parameter on average.
+// The random bits of element i are sr_bits(seed, i), a counter-based hash (Wellons' "lowbias32", applied to
+// the low and then the high half of i): they depend only on the per-tensor, per-step seed and the element's
+// index, so results are the same at every thread count and CPU level and after a checkpoint resume.
+// NaN stays NaN (0x7fc0, as in Note [bf16 rounding]); values past the largest bf16 may round to +-Inf.
+inline constexpr uint32_t kLowbias32Mul1 = 0x7feb352du;
+inline constexpr uint32_t kLowbias32Mul2 = 0x846ca68bu;
+inline uint32_t lowbias32(uint32_t x) {
+  x ^= x >> 16;
+  x *= kLowbias32Mul1;
+  x ^= x >> 15;
+  x *= kLowbias32Mul2;
+  x ^= x >> 16;
+  return x;
+}
+inline uint32_t sr_bits(uint32_t seed, uint64_t i) {
+  return lowbias32(lowbias32(uint32_t(i) ^ seed) ^ uint32_t(i >> 32));
+}
+inline void from_f32_stochastic(float f, uint32_t random_bits, bf16_t* out) {
+  const uint32_t u = f32_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    out->bits = kBf16QuietNaN;
+    return;
+  }
+  out->bits = uint16_t((u + (random_bits & 0xffffu)) >> 16);
+}
+
 // Round to nearest even, with the same results as F16C's vcvtps2ph (NaN keeps sign and the top
 // payload bits and is made quiet).
 inline void from_f32(float f, f16_t* out) {
@@ -161,6 +191,24 @@ inline uint8_t nearest_code_index(float s, const float* mids) {
     if (mids[c + step - 1] < s) c += step;
   }
   return uint8_t(c);
+}
+
+// Note [4-bit optimizer states]: the count of a 16-value map's 15 midpoints strictly below s (NaN: 0).
+inline uint8_t code4_index(float s, const float* mids) {
+  if (s != s) return 0;
+  uint8_t c = 0;
+  for (int i = 0; i < 15; ++i) c += mids[i] < s ? 1 : 0;
+  return c;
+}
+
+// Nibble (un)packing of Note [4-bit optimizer states]: element 2i in the high nibble of byte i. `start`
+// of a span is even, so its first element is a high nibble; an odd final element leaves the low nibble 0.
+inline void unpack_nibbles(const uint8_t* packed, int64_t len, uint8_t* codes) {
+  for (int64_t j = 0; j < len; ++j) codes[j] = (j & 1) ? packed[j >> 1] & 0x0f : packed[j >> 1] >> 4;
+}
+inline void pack_nibbles(const uint8_t* codes, int64_t len, uint8_t* packed) {
+  for (int64_t j = 0; j + 1 < len; j += 2) packed[j >> 1] = uint8_t((codes[j] << 4) | (codes[j + 1] & 0x0f));
+  if (len & 1) packed[len >> 1] = uint8_t(codes[len - 1] << 4);
 }
 
 inline uint8_t nf4_code(float s) {

@@ -32,6 +32,26 @@ struct Ops {
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
   }
+  // Note [stochastic rounding]: the random bits of elements lo0 + 0..N-1 (lo0 + N - 1 must not wrap).
+  static I lowbias32(I x) {
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int(kLowbias32Mul1)));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int(kLowbias32Mul2)));
+    return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  }
+  static I sr_bits(uint32_t seed, uint32_t lo0, uint32_t hi) {
+    const I lo = _mm256_add_epi32(_mm256_set1_epi32(int(lo0)), iota_i());
+    const I x = lowbias32(_mm256_xor_si256(lo, _mm256_set1_epi32(int(seed))));
+    return lowbias32(_mm256_xor_si256(x, _mm256_set1_epi32(int(hi))));
+  }
+  static void store_stochastic(bf16_t* p, F v, I random_bits) {
+    const I u = _mm256_castps_si256(v);
+    I r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_and_si256(random_bits, _mm256_set1_epi32(0xffff))), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(kBf16QuietNaN), isnan(v));
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
   static void store(f16_t* p, F v) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
   }

@@ -32,6 +32,25 @@ struct Ops {
     r = _mm512_mask_mov_epi32(r, isnan(v), _mm512_set1_epi32(kBf16QuietNaN));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
   }
+  // Note [stochastic rounding]: the random bits of elements lo0 + 0..N-1 (lo0 + N - 1 must not wrap).
+  static I lowbias32(I x) {
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(int(kLowbias32Mul1)));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(int(kLowbias32Mul2)));
+    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  }
+  static I sr_bits(uint32_t seed, uint32_t lo0, uint32_t hi) {
+    const I lo = _mm512_add_epi32(_mm512_set1_epi32(int(lo0)), iota_i());
+    const I x = lowbias32(_mm512_xor_si512(lo, _mm512_set1_epi32(int(seed))));
+    return lowbias32(_mm512_xor_si512(x, _mm512_set1_epi32(int(hi))));
+  }
+  static void store_stochastic(bf16_t* p, F v, I random_bits) {
+    const I u = _mm512_castps_si512(v);
+    I r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_and_si512(random_bits, _mm512_set1_epi32(0xffff))), 16);
+    r = _mm512_mask_mov_epi32(r, isnan(v), _mm512_set1_epi32(kBf16QuietNaN));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  }
   static void store(f16_t* p, F v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
   }

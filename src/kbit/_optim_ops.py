@@ -5,7 +5,8 @@ and state format — so that a step over many small tensors costs one call. Per-
 gradient scale) are lists. A 32-bit group passes empty ``absmax``/``qmaps`` lists; an 8-bit group
 passes uint8 states, their absmax (``blocksize`` > 0: per block; 0: one per tensor) and one code map
 per state storage. ``unorm_out`` (possibly empty) receives each tensor's update norm when
-``max_unorm`` > 0. The rules are written out in csrc/cpu/optim_rules.h and in
+``max_unorm`` > 0. ``sr_seed`` (empty, or one 32-bit seed per tensor) asks for bfloat16 parameters to be
+written with stochastic rounding (Note [stochastic rounding], csrc/cpu/scalar_ops.h). The rules are written out in csrc/cpu/optim_rules.h and in
 kbit/backends/reference_optim.py, the specification.
 """
 
@@ -23,29 +24,31 @@ OPTIM_SCHEMAS = {
     "adam_step_": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] state2, Tensor(d!)[] absmax1, "
         f"Tensor(e!)[] absmax2, Tensor[] qmaps, {_COMMON}, Tensor(f!)[] unorm_out, float beta1, float beta2, "
-        "float eps, float weight_decay, float max_unorm, bool skip_zeros, bool bias_correction) -> ()"
+        "float eps, float weight_decay, float max_unorm, bool skip_zeros, bool bias_correction, "
+        "int[] sr_seed=[]) -> ()"
     ),
     "ademamix_step_": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] state2, Tensor(d!)[] absmax1, "
         f"Tensor(e!)[] absmax2, Tensor[] qmaps, {_COMMON}, float[] beta3, float[] alpha, float beta1, "
-        "float beta2, float eps, float weight_decay) -> ()"
+        "float beta2, float eps, float weight_decay, int[] sr_seed=[]) -> ()"
     ),
     "lion_step_": (
         f"(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(d!)[] absmax1, Tensor[] qmaps, {_COMMON}, "
-        "float beta1, float beta2, float weight_decay, bool skip_zeros) -> ()"
+        "float beta1, float beta2, float weight_decay, bool skip_zeros, int[] sr_seed=[]) -> ()"
     ),
     "momentum_step_": (
         f"(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(d!)[] absmax1, Tensor[] qmaps, {_COMMON}, "
         "Tensor(f!)[] unorm_out, float momentum, float dampening, float weight_decay, bool nesterov, "
-        "float max_unorm, float trust_eps, bool skip_zeros) -> ()"
+        "float max_unorm, float trust_eps, bool skip_zeros, int[] sr_seed=[]) -> ()"
     ),
     "rmsprop_step_": (
         f"(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(d!)[] absmax1, Tensor[] qmaps, {_COMMON}, "
-        "Tensor(f!)[] unorm_out, float alpha, float eps, float weight_decay, float max_unorm, bool skip_zeros) -> ()"
+        "Tensor(f!)[] unorm_out, float alpha, float eps, float weight_decay, float max_unorm, bool skip_zeros, "
+        "int[] sr_seed=[]) -> ()"
     ),
     "adagrad_step_": (
         f"(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(d!)[] absmax1, Tensor[] qmaps, {_COMMON}, "
-        "float eps, float weight_decay, float lr_decay, bool skip_zeros) -> ()"
+        "float eps, float weight_decay, float lr_decay, bool skip_zeros, int[] sr_seed=[]) -> ()"
     ),
 }
 
@@ -100,14 +103,17 @@ def check_group(params, grads, states, lr, step, gnorm_scale, rows=None, absmaxe
     if state_dtype not in (torch.uint8, torch.float32):
         raise TypeError(f"optimizer states must be uint8 (8-bit) or float32 (32-bit), got {state_dtype}")
     eight_bit = state_dtype == torch.uint8
+    # 4-bit states (16-value code maps) hold two codes per byte (Note [4-bit optimizer states]).
+    four_bit = eight_bit and bool(qmaps) and qmaps[0].numel() == 16
     for j, r in enumerate(rows):
         for i, (p, s) in enumerate(zip(params, states[j])):
             if s.dtype != state_dtype:
                 raise TypeError(f"state{j + 1} of parameter {i} is {s.dtype}: every state of a group must have the "
                                 f"same dtype ({state_dtype})")
-            if s.numel() != r * p.numel() or s.device != device:
+            per_row = (p.numel() + 1) // 2 if four_bit else p.numel()
+            if s.numel() != r * per_row or s.device != device:
                 _fail(f"state{j + 1} of parameter {i} has {s.numel()} values on {s.device}; it needs {r} x "
-                      f"{p.numel()} on {device} (the state does not belong to this parameter)")
+                      f"{per_row} on {device} (the state does not belong to this parameter)")
     absmaxes = list(absmaxes or [])
     qmaps = list(qmaps or [])
     if not eight_bit:
@@ -119,10 +125,14 @@ def check_group(params, grads, states, lr, step, gnorm_scale, rows=None, absmaxe
         if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 0 <= blocksize <= MAX_STATE_BLOCKSIZE:
             _fail(f"8-bit optimizer blocksize must be in 1..{MAX_STATE_BLOCKSIZE}, or 0 for one absmax per tensor "
                   f"(got {blocksize!r})")
+        code_size = 16 if four_bit else 256
         for j, q in enumerate(qmaps):
-            if q.dtype != torch.float32 or q.numel() != 256 or q.device != device:
-                _fail(f"code map {j + 1} must be 256 float32 values on {device} (got {q.numel()} {q.dtype} on "
-                      f"{q.device}); use kbit.functional.create_dynamic_map()")
+            if q.dtype != torch.float32 or q.numel() != code_size or q.device != device:
+                _fail(f"code map {j + 1} must be {code_size} float32 values on {device} (got {q.numel()} {q.dtype} on "
+                      f"{q.device}); use kbit.functional.create_dynamic_map() (8-bit states) or "
+                      "kbit.formats.OPTIMIZER_4BIT_*_MAP (4-bit states), the same size for every state")
+        if four_bit and (blocksize <= 0 or blocksize % 2):
+            _fail(f"4-bit optimizer states need an even blocksize > 0 (got {blocksize})")
         for j, r in enumerate(rows):
             if len(absmaxes[j]) != n:
                 _fail("every absmax list must have one entry per parameter")
@@ -141,8 +151,21 @@ def check_group(params, grads, states, lr, step, gnorm_scale, rows=None, absmaxe
                 _fail(f"unorm_out[{i}] must be one float32 value on {device} (got {u.numel()} {u.dtype} on {u.device})")
 
 
+def check_sr_seed(sr_seed, params) -> None:
+    """Note [stochastic rounding]: empty, or one 32-bit seed per (bfloat16) parameter."""
+    if not sr_seed:
+        return
+    if len(sr_seed) != len(params):
+        _fail("sr_seed must be empty or have one entry per parameter")
+    if any(not 0 <= int(s) <= 0xFFFFFFFF for s in sr_seed):
+        _fail("sr_seed values must be in 0..2^32-1")
+    if any(p.dtype != torch.bfloat16 for p in params):
+        _fail("stochastic rounding applies to bfloat16 parameters only")
+
+
 def check_op(name: str, arg: dict) -> None:
     """check_group for op ``name`` given its arguments by schema name."""
+    check_sr_seed(arg.get("sr_seed"), arg["params"])
     nstates = len(OP_ROWS[name])
     check_group(arg["params"], arg["grads"], [arg[f"state{j + 1}"] for j in range(nstates)], arg["lr"], arg["step"],
                 arg["gnorm_scale"], rows=OP_ROWS[name], absmaxes=[arg[f"absmax{j + 1}"] for j in range(nstates)],
@@ -158,8 +181,10 @@ def _fake(name: str):
     """Fake kernel of one op: the shared checks, with arguments found by name in its schema (not by offset)."""
     names = arg_names(name)
 
-    def fake(*args):
-        check_op(name, dict(zip(names, args)))
+    def fake(*args, **kwargs):
+        arg = dict(zip(names, args))
+        arg.update(kwargs)
+        check_op(name, arg)
 
     torch.library.register_fake(f"{LIBRARY}::{name}", fake)
 

@@ -39,6 +39,11 @@ HIGH_NIBBLE_SHIFT = int(_TABLES["high_nibble_shift"])
 CODE_SIZE_8BIT = int(_TABLES["code_size_8bit"])
 #: Block size of blockwise 8-bit optimizer states.
 OPTIMIZER_BLOCKSIZE_8BIT = int(_TABLES["optimizer_blocksize_8bit"])
+#: Block size of 4-bit optimizer states, and their 16-value code maps (Note [4-bit optimizer states]):
+#: first moments use the signed dynamic-exponent map, second moments the unsigned map without zero.
+OPTIMIZER_BLOCKSIZE_4BIT = int(_TABLES["optimizer_blocksize_4bit"])
+OPTIMIZER_4BIT_SIGNED_MAP = tuple(_TABLES["optimizer_4bit_signed_map"])
+OPTIMIZER_4BIT_UNSIGNED_MAP = tuple(_TABLES["optimizer_4bit_unsigned_map"])
 
 NF4_VALUES = tuple(_TABLES["nf4"])
 FP4_VALUES = tuple(_TABLES["fp4"])

@@ -57,57 +57,57 @@ def _threads() -> int:
 
 @implements("adam_step_", "cpu")
 def adam_step_(params, grads, state1, state2, absmax1, absmax2, qmaps, blocksize, lr, step, gnorm_scale, unorm_out,
-               beta1, beta2, eps, weight_decay, max_unorm, skip_zeros, bias_correction):
+               beta1, beta2, eps, weight_decay, max_unorm, skip_zeros, bias_correction, sr_seed=()):
     _optim_ops.check_op("adam_step_", locals())  # first statement: locals() are the arguments
     with _flat() as f:
         _C.adam_step(f(params, True), f(grads), f(state1, True), f(state2, True), f(absmax1, True), f(absmax2, True),
                      f(qmaps), blocksize, list(lr), list(step), list(gnorm_scale), f(unorm_out, True), beta1, beta2,
-                     eps, weight_decay, max_unorm, skip_zeros, bias_correction, _threads())
+                     eps, weight_decay, max_unorm, skip_zeros, bias_correction, list(sr_seed), _threads())
 
 
 @implements("ademamix_step_", "cpu")
 def ademamix_step_(params, grads, state1, state2, absmax1, absmax2, qmaps, blocksize, lr, step, gnorm_scale, beta3,
-                   alpha, beta1, beta2, eps, weight_decay):
+                   alpha, beta1, beta2, eps, weight_decay, sr_seed=()):
     _optim_ops.check_op("ademamix_step_", locals())  # first statement: locals() are the arguments
     with _flat() as f:
         _C.ademamix_step(f(params, True), f(grads), f(state1, True), f(state2, True), f(absmax1, True),
                          f(absmax2, True), f(qmaps), blocksize, list(lr), list(step), list(gnorm_scale), list(beta3),
-                         list(alpha), beta1, beta2, eps, weight_decay, _threads())
+                         list(alpha), beta1, beta2, eps, weight_decay, list(sr_seed), _threads())
 
 
 @implements("lion_step_", "cpu")
 def lion_step_(params, grads, state1, absmax1, qmaps, blocksize, lr, step, gnorm_scale, beta1, beta2, weight_decay,
-               skip_zeros):
+               skip_zeros, sr_seed=()):
     _optim_ops.check_op("lion_step_", locals())  # first statement: locals() are the arguments
     with _flat() as f:
         _C.lion_step(f(params, True), f(grads), f(state1, True), f(absmax1, True), f(qmaps), blocksize, list(lr),
-                     list(step), list(gnorm_scale), beta1, beta2, weight_decay, skip_zeros, _threads())
+                     list(step), list(gnorm_scale), beta1, beta2, weight_decay, skip_zeros, list(sr_seed), _threads())
 
 
 @implements("momentum_step_", "cpu")
 def momentum_step_(params, grads, state1, absmax1, qmaps, blocksize, lr, step, gnorm_scale, unorm_out, momentum,
-                   dampening, weight_decay, nesterov, max_unorm, trust_eps, skip_zeros):
+                   dampening, weight_decay, nesterov, max_unorm, trust_eps, skip_zeros, sr_seed=()):
     _optim_ops.check_op("momentum_step_", locals())  # first statement: locals() are the arguments
     with _flat() as f:
         _C.momentum_step(f(params, True), f(grads), f(state1, True), f(absmax1, True), f(qmaps), blocksize, list(lr),
                          list(step), list(gnorm_scale), f(unorm_out, True), momentum, dampening, weight_decay,
-                         nesterov, max_unorm, trust_eps, skip_zeros, _threads())
+                         nesterov, max_unorm, trust_eps, skip_zeros, list(sr_seed), _threads())
 
 
 @implements("rmsprop_step_", "cpu")
 def rmsprop_step_(params, grads, state1, absmax1, qmaps, blocksize, lr, step, gnorm_scale, unorm_out, alpha, eps,
-                  weight_decay, max_unorm, skip_zeros):
+                  weight_decay, max_unorm, skip_zeros, sr_seed=()):
     _optim_ops.check_op("rmsprop_step_", locals())  # first statement: locals() are the arguments
     with _flat() as f:
         _C.rmsprop_step(f(params, True), f(grads), f(state1, True), f(absmax1, True), f(qmaps), blocksize, list(lr),
                         list(step), list(gnorm_scale), f(unorm_out, True), alpha, eps, weight_decay, max_unorm,
-                        skip_zeros, _threads())
+                        skip_zeros, list(sr_seed), _threads())
 
 
 @implements("adagrad_step_", "cpu")
 def adagrad_step_(params, grads, state1, absmax1, qmaps, blocksize, lr, step, gnorm_scale, eps, weight_decay, lr_decay,
-                  skip_zeros):
+                  skip_zeros, sr_seed=()):
     _optim_ops.check_op("adagrad_step_", locals())  # first statement: locals() are the arguments
     with _flat() as f:
         _C.adagrad_step(f(params, True), f(grads), f(state1, True), f(absmax1, True), f(qmaps), blocksize, list(lr),
-                        list(step), list(gnorm_scale), eps, weight_decay, lr_decay, skip_zeros, _threads())
+                        list(step), list(gnorm_scale), eps, weight_decay, lr_decay, skip_zeros, list(sr_seed), _threads())

@@ -32,18 +32,39 @@ class _StateIO:
     def __init__(self, storages: Sequence[torch.Tensor], absmaxes: Sequence[torch.Tensor] | None,
                  qmaps: Sequence[torch.Tensor], rows: Sequence[int], n: int, blocksize: int):
         self.storages, self.absmaxes, self.qmaps, self.rows, self.n = storages, absmaxes, qmaps, rows, n
-        self.eight_bit = storages[0].dtype == torch.uint8
+        self.eight_bit = storages[0].dtype == torch.uint8  # quantized (8-bit, or 4-bit with 16-value maps)
+        self.four_bit = self.eight_bit and qmaps[0].numel() == 16  # Note [4-bit optimizer states]
+        self.row_size = (n + 1) // 2 if self.four_bit else n
         self.blocksize = blocksize if blocksize > 0 else max(n, 1)
+
+    def _codes(self, packed_row: torch.Tensor) -> torch.Tensor:
+        if not self.four_bit:
+            return packed_row
+        return torch.stack([packed_row >> 4, packed_row & 0x0F], dim=1).reshape(-1)[: self.n]
+
+    def _quantize(self, values: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blockwise absmax and exact-nearest codes (8-bit: the quantize_blockwise op's reference; 4-bit: the
+        same rule over a 16-value map)."""
+        if not self.four_bit:
+            return reference.quantize_blockwise(values, qmap, self.blocksize)
+        absmax, scaled, _ = reference.absmax_and_scaled(values, self.blocksize)
+        return reference.count_below(reference.midpoints(qmap), scaled).to(torch.uint8), absmax
+
+    def _packed(self, codes: torch.Tensor) -> torch.Tensor:
+        if not self.four_bit:
+            return codes
+        pairs = torch.cat([codes.reshape(-1), codes.new_zeros(self.n % 2)]).reshape(-1, 2)
+        return (pairs[:, 0] << 4) | pairs[:, 1]
 
     def read(self) -> list[torch.Tensor]:
         out = []
         for j, storage in enumerate(self.storages):
-            flat = storage.reshape(self.rows[j], self.n)
+            flat = storage.reshape(self.rows[j], self.row_size if self.eight_bit else self.n)
             for r in range(self.rows[j]):
                 if self.eight_bit:
                     absmax = self.absmaxes[j].reshape(self.rows[j], -1)[r]
-                    out.append(reference._dequantize_blockwise(flat[r], absmax, self.qmaps[j], self.blocksize,
-                                                               torch.float32))
+                    out.append(reference._dequantize_blockwise(self._codes(flat[r]), absmax, self.qmaps[j],
+                                                               self.blocksize, torch.float32))
                 else:
                     out.append(flat[r].clone())
         return out
@@ -51,11 +72,11 @@ class _StateIO:
     def write(self, states: Sequence[torch.Tensor]) -> None:
         k = 0
         for j, storage in enumerate(self.storages):
-            flat = storage.view(self.rows[j], self.n)
+            flat = storage.view(self.rows[j], self.row_size if self.eight_bit else self.n)
             for r in range(self.rows[j]):
                 if self.eight_bit:
-                    codes, absmax = reference.quantize_blockwise(states[k], self.qmaps[j], self.blocksize)
-                    flat[r].copy_(codes)
+                    codes, absmax = self._quantize(states[k], self.qmaps[j])
+                    flat[r].copy_(self._packed(codes))
                     self.absmaxes[j].view(self.rows[j], -1)[r].copy_(absmax)
                 else:
                     flat[r].copy_(states[k])
@@ -134,8 +155,59 @@ def _adagrad_rule(eps, weight_decay):
     return rule
 
 
+# ---- Note [stochastic rounding] (csrc/cpu/scalar_ops.h) ------------------------------------------------
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 tensors holding uint32 values, in 16-bit halves so nothing overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _lowbias32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def sr_bits_at(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """The 32 random bits (as int64) of the elements at ``index`` (int64, >= 0):
+    lowbias32(lowbias32(lo(i) ^ seed) ^ hi(i)), lo/hi the 32-bit halves of i."""
+    return _lowbias32(_lowbias32((index & _MASK32) ^ int(seed)) ^ (index >> 32))
+
+
+def sr_bits(seed: int, n: int, device=None) -> torch.Tensor:
+    """The random bits of elements 0..n-1."""
+    return sr_bits_at(seed, torch.arange(n, dtype=torch.int64, device=device))
+
+
+def round_bf16_stochastic(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """float32 -> bfloat16: add the low 16 random bits to the float32 pattern and truncate; NaN -> 0x7fc0."""
+    flat = x.reshape(-1)
+    u = flat.view(torch.int32).to(torch.int64) & _MASK32
+    r = (u + (sr_bits(seed, flat.numel(), flat.device) & 0xFFFF)) >> 16
+    r = torch.where(torch.isnan(flat), torch.full_like(r, 0x7FC0), r)
+    return ((r ^ 0x8000) - 0x8000).to(torch.int16).view(torch.bfloat16).reshape(x.shape)
+
+
+def _write_param(p: torch.Tensor, value: torch.Tensor, sr_seed: int | None) -> None:
+    """One rounding to p's dtype: to nearest even (torch's conversion), or stochastic for bfloat16."""
+    if sr_seed is None:
+        p.detach().copy_(value.reshape(p.shape))
+        return
+    if p.dtype != torch.bfloat16:
+        raise ValueError("stochastic rounding applies to bfloat16 parameters only")
+    p.detach().copy_(round_bf16_stochastic(value, sr_seed).reshape(p.shape))
+
+
+def _seed(sr_seed, i: int) -> int | None:
+    return int(sr_seed[i]) if sr_seed else None
+
+
 def _step_tensor(p, g, io: _StateIO, rule: Callable, k: float, gnorm_scale: float, skip_zeros: bool,
-                 max_unorm: float, trust_eps: float, unorm_factor: float, unorm_out) -> None:
+                 max_unorm: float, trust_eps: float, unorm_factor: float, unorm_out, sr_seed: int | None) -> None:
     """Note [optimizer step] for one tensor, with the trust ratio of Note [trust ratio]."""
     p32 = p.detach().reshape(-1).float()
     g32 = g.detach().reshape(-1).float() * f32(gnorm_scale)
@@ -155,7 +227,7 @@ def _step_tensor(p, g, io: _StateIO, rule: Callable, k: float, gnorm_scale: floa
         if unorm_out is not None:
             unorm_out.fill_(unorm)
     p_new = p_new - u * k
-    p.detach().copy_(p_new.reshape(p.shape))  # one rounding to p's dtype
+    _write_param(p, p_new, sr_seed)
     io.write(states)
 
 
@@ -169,62 +241,62 @@ def _iter_group(params, grads, storages, absmaxes, qmaps, rows, blocksize):
 
 @implements("adam_step_", None)
 def adam_step_(params, grads, state1, state2, absmax1, absmax2, qmaps, blocksize, lr, step, gnorm_scale, unorm_out,
-               beta1, beta2, eps, weight_decay, max_unorm, skip_zeros, bias_correction):
+               beta1, beta2, eps, weight_decay, max_unorm, skip_zeros, bias_correction, sr_seed=()):
     _optim_ops.check_op("adam_step_", locals())  # first statement: locals() are the arguments
     for i, p, g, io in _iter_group(params, grads, [state1, state2], [absmax1, absmax2], qmaps, (1, 1), blocksize):
         bc1 = 1.0 - beta1 ** step[i] if bias_correction else 1.0
         bc2 = math.sqrt(1.0 - beta2 ** step[i]) if bias_correction else 1.0
         rule = _adam_rule(beta1, beta2, eps, 1.0 - lr[i] * weight_decay, bc2)
         _step_tensor(p, g, io, rule, f32(lr[i] / bc1), gnorm_scale[i], skip_zeros, max_unorm, 0.0, 1.0 / bc1,
-                     unorm_out[i] if unorm_out else None)
+                     unorm_out[i] if unorm_out else None, _seed(sr_seed, i))
 
 
 @implements("ademamix_step_", None)
 def ademamix_step_(params, grads, state1, state2, absmax1, absmax2, qmaps, blocksize, lr, step, gnorm_scale, beta3,
-                   alpha, beta1, beta2, eps, weight_decay):
+                   alpha, beta1, beta2, eps, weight_decay, sr_seed=()):
     _optim_ops.check_op("ademamix_step_", locals())  # first statement: locals() are the arguments
     for i, p, g, io in _iter_group(params, grads, [state1, state2], [absmax1, absmax2], qmaps, (2, 1), blocksize):
         bc1 = 1.0 - beta1 ** step[i]
         bc2 = math.sqrt(1.0 - beta2 ** step[i])
         rule = _ademamix_rule(beta1, beta2, beta3[i], alpha[i], eps, 1.0 - lr[i] * weight_decay, bc1, bc2)
-        _step_tensor(p, g, io, rule, f32(lr[i]), gnorm_scale[i], False, 0.0, 0.0, 1.0, None)
+        _step_tensor(p, g, io, rule, f32(lr[i]), gnorm_scale[i], False, 0.0, 0.0, 1.0, None, _seed(sr_seed, i))
 
 
 @implements("lion_step_", None)
 def lion_step_(params, grads, state1, absmax1, qmaps, blocksize, lr, step, gnorm_scale, beta1, beta2, weight_decay,
-               skip_zeros):
+               skip_zeros, sr_seed=()):
     _optim_ops.check_op("lion_step_", locals())  # first statement: locals() are the arguments
     for i, p, g, io in _iter_group(params, grads, [state1], [absmax1], qmaps, (1,), blocksize):
         rule = _lion_rule(beta1, beta2, 1.0 - lr[i] * weight_decay)
-        _step_tensor(p, g, io, rule, f32(lr[i]), gnorm_scale[i], skip_zeros, 0.0, 0.0, 1.0, None)
+        _step_tensor(p, g, io, rule, f32(lr[i]), gnorm_scale[i], skip_zeros, 0.0, 0.0, 1.0, None, _seed(sr_seed, i))
 
 
 @implements("momentum_step_", None)
 def momentum_step_(params, grads, state1, absmax1, qmaps, blocksize, lr, step, gnorm_scale, unorm_out, momentum,
-                   dampening, weight_decay, nesterov, max_unorm, trust_eps, skip_zeros):
+                   dampening, weight_decay, nesterov, max_unorm, trust_eps, skip_zeros, sr_seed=()):
     _optim_ops.check_op("momentum_step_", locals())  # first statement: locals() are the arguments
     for i, p, g, io in _iter_group(params, grads, [state1], [absmax1], qmaps, (1,), blocksize):
         rule = _momentum_rule(momentum, dampening, weight_decay, nesterov, step[i] == 1)
         _step_tensor(p, g, io, rule, f32(lr[i]), gnorm_scale[i], skip_zeros, max_unorm, f32(trust_eps), 1.0,
-                     unorm_out[i] if unorm_out else None)
+                     unorm_out[i] if unorm_out else None, _seed(sr_seed, i))
 
 
 @implements("rmsprop_step_", None)
 def rmsprop_step_(params, grads, state1, absmax1, qmaps, blocksize, lr, step, gnorm_scale, unorm_out, alpha, eps,
-                  weight_decay, max_unorm, skip_zeros):
+                  weight_decay, max_unorm, skip_zeros, sr_seed=()):
     _optim_ops.check_op("rmsprop_step_", locals())  # first statement: locals() are the arguments
     for i, p, g, io in _iter_group(params, grads, [state1], [absmax1], qmaps, (1,), blocksize):
         rule = _rmsprop_rule(alpha, eps, weight_decay)
         _step_tensor(p, g, io, rule, f32(lr[i]), gnorm_scale[i], skip_zeros, max_unorm, f32(eps), 1.0,
-                     unorm_out[i] if unorm_out else None)
+                     unorm_out[i] if unorm_out else None, _seed(sr_seed, i))
 
 
 @implements("adagrad_step_", None)
 def adagrad_step_(params, grads, state1, absmax1, qmaps, blocksize, lr, step, gnorm_scale, eps, weight_decay, lr_decay,
-                  skip_zeros):
+                  skip_zeros, sr_seed=()):
     _optim_ops.check_op("adagrad_step_", locals())  # first statement: locals() are the arguments
     for i, p, g, io in _iter_group(params, grads, [state1], [absmax1], qmaps, (1,), blocksize):
         rule = _adagrad_rule(eps, weight_decay)
         k = f32(lr[i] / (1.0 + (step[i] - 1) * lr_decay))
-        _step_tensor(p, g, io, rule, k, gnorm_scale[i], skip_zeros, 0.0, 0.0, 1.0, None)
+        _step_tensor(p, g, io, rule, k, gnorm_scale[i], skip_zeros, 0.0, 0.0, 1.0, None, _seed(sr_seed, i))
 

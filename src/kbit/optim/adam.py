@@ -11,6 +11,17 @@ Note: as in bitsandbytes, weight decay is always *decoupled* (AdamW-style), also
 ``kbit.optim.Adam(weight_decay=x)`` equals ``torch.optim.AdamW(weight_decay=x)``, not torch's ``Adam``
 with L2 regularization. ``Adam`` and ``AdamW`` differ only in the default ``weight_decay``.
 8-bit variants keep m (signed dynamic map) and v (unsigned dynamic map) in blocks of 256 values.
+
+4-bit variants (``Adam4bit``, ``AdamW4bit``, ``optim_bits=4``; a kbit extension, after Li et al. 2023, "Memory
+Efficient Optimizers with 4-bit States") keep m and v in 4 bits, two per byte, with one float32 absmax per
+block of 128 values: 1.06 bytes of state per parameter. What matters, from the paper's ablations: small
+blocks (128, not 2048) for the first moment's outliers, and a second-moment map *without zero* — a v
+quantized to 0 turns m / (sqrt(v) + eps) into a huge step. m uses a 16-value signed dynamic-exponent map,
+v an unsigned one whose smallest value is 2e-4 of the block's maximum (``kbit.formats``). The paper's best
+second-moment normalization (rank-1: min of row and column maxima) would need the whole new v before
+quantizing any of it, i.e. a second pass over the tensor; blockwise (B128, zero-free map) is the
+paper's single-pass alternative and is what the fused kernel does. The Python reference is
+``kbit.backends.reference_optim``. Parameters below ``min_8bit_size`` elements keep 32-bit state.
 """
 
 from __future__ import annotations
@@ -25,10 +36,12 @@ class Adam(Variant, Optimizer2State):
     ``is_paged`` — see :class:`~kbit.optim.optimizer.Optimizer2State`."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, optim_bits=32,
-                 args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True, is_paged=False):
+                 args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True, is_paged=False,
+                 bf16_stochastic_round=False):
         reject_amsgrad(type(self).__name__, amsgrad)
         super().__init__("adam", params, lr, betas, eps, weight_decay, self._bits(optim_bits), args, min_8bit_size,
-                         percentile_clipping, block_wise, is_paged=self._paged(is_paged))
+                         percentile_clipping, block_wise, is_paged=self._paged(is_paged),
+                         bf16_stochastic_round=bf16_stochastic_round)
 
 
 class Adam8bit(Adam):
@@ -66,9 +79,9 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
                  optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True,
-                 is_paged=False):
+                 is_paged=False, bf16_stochastic_round=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size,
-                         percentile_clipping, block_wise, is_paged)
+                         percentile_clipping, block_wise, is_paged, bf16_stochastic_round)
 
 
 class AdamW8bit(AdamW):
@@ -97,5 +110,29 @@ class PagedAdamW8bit(AdamW8bit):
 
 class PagedAdamW32bit(AdamW32bit):
     """:class:`AdamW` with paged 32-bit state."""
+
+    _FORCED_PAGED = True
+
+
+class Adam4bit(Adam):
+    """:class:`Adam` with 4-bit blockwise state (kbit extension)."""
+
+    _FORCED_BITS = 4
+
+
+class PagedAdam4bit(Adam4bit):
+    """:class:`Adam` with paged 4-bit state."""
+
+    _FORCED_PAGED = True
+
+
+class AdamW4bit(AdamW):
+    """:class:`AdamW` with 4-bit blockwise state (kbit extension): 1.06 bytes of state per parameter."""
+
+    _FORCED_BITS = 4
+
+
+class PagedAdamW4bit(AdamW4bit):
+    """:class:`AdamW` with paged 4-bit state."""
 
     _FORCED_PAGED = True

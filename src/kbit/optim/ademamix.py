@@ -21,13 +21,15 @@ class AdEMAMix(Variant, Optimizer2State):
     """AdEMAMix with 32-bit or 8-bit state."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=None, t_beta3=None, eps=1e-8,
-                 weight_decay=1e-2, optim_bits=32, min_8bit_size=4096, is_paged=False):
+                 weight_decay=1e-2, optim_bits=32, min_8bit_size=4096, is_paged=False,
+                 bf16_stochastic_round=False):
         if len(tuple(betas)) != 3:
             raise ValueError(f"AdEMAMix needs three betas (beta1, beta2, beta3), got {betas!r}")
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0 (got {alpha})")
         super().__init__("ademamix", params, lr, betas, eps, weight_decay, self._bits(optim_bits), None, min_8bit_size,
-                         is_paged=self._paged(is_paged), alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3)
+                         is_paged=self._paged(is_paged), alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3,
+                         bf16_stochastic_round=bf16_stochastic_round)
 
 
 class AdEMAMix8bit(AdEMAMix):

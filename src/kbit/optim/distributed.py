@@ -33,7 +33,7 @@ import torch
 
 from .. import functional as F
 from ..formats import OPTIMIZER_BLOCKSIZE_8BIT
-from . import families
+from . import families, stochastic_rounding
 
 try:  # torch.distributed is optional (some builds lack it)
     import torch.distributed as dist
@@ -123,12 +123,15 @@ def shard_groups(p) -> tuple:
     return tuple(p.device_mesh.get_group(i) for i in _shard_mesh_dims(p))
 
 
-def prepare(family, p, grad, state: dict, config: dict, gnorm_scale: float):
+def prepare(family, p, grad, state: dict, config: dict, gnorm_scale: float, sr_seed: int | None = None):
     """families.prepare for a sharded ``p``: the local shard, the local state views; a trust-ratio
     parameter gets a key of its own (launched by :func:`launch_trust_ratio`)."""
     groups = shard_groups(p)
     lp, lgrad = p.to_local(), grad.to_local()
-    key, item = families.prepare(family, lp, lgrad, local_state(state, lp), config, gnorm_scale)
+    if sr_seed is not None:  # Note [stochastic rounding]: element indices are the shard's own, so mix in its rank
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        sr_seed = stochastic_rounding.step_seed(sr_seed, rank, 0, 0)
+    key, item = families.prepare(family, lp, lgrad, local_state(state, lp), config, gnorm_scale, sr_seed)
     if config["max_unorm"] > 0.0:
         if family.op not in _TRUST_FIELDS:  # pragma: no cover - families.check_supported rejects these first
             raise ValueError(f"max_unorm is not implemented for {family.op}")

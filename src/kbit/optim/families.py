@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..formats import OPTIMIZER_BLOCKSIZE_8BIT
+from ..formats import OPTIMIZER_BLOCKSIZE_4BIT, OPTIMIZER_BLOCKSIZE_8BIT
 
 #: Block size of 8-bit optimizer states written by bitsandbytes before 0.44.
 LEGACY_OPTIMIZER_BLOCKSIZE_8BIT = 2048
@@ -74,8 +74,21 @@ _NO_TRUST_RATIO = ("lion", "adagrad", "ademamix")
 _NO_SKIP_ZEROS = ("ademamix",)
 
 
+#: Rules with 4-bit states (Note [4-bit optimizer states]): first-moment states (signed map) and Adam's second
+#: moment (zero-free map). RMSprop/Adagrad (a lone second moment) and AdEMAMix are not offered in 4 bits.
+FOUR_BIT_RULES = ("adam", "lion", "momentum")
+
+
 def check_supported(name: str, config: dict) -> None:
     """Reject settings a rule does not implement instead of ignoring them."""
+    if config["optim_bits"] == 4:
+        if name not in FOUR_BIT_RULES:
+            raise ValueError(f"optim_bits=4 is implemented for Adam/AdamW, Lion and SGD with momentum, not {name}; "
+                             "use optim_bits=8")
+        if not config["block_wise"]:
+            raise ValueError("4-bit optimizer states are always blockwise; set block_wise=True")
+        if config["max_unorm"] > 0.0:
+            raise ValueError("4-bit optimizer states do not support max_unorm (trust-ratio clipping); set it to 0")
     if config["max_unorm"] > 0.0 and name in _NO_TRUST_RATIO:
         raise ValueError(f"max_unorm (trust-ratio clipping) is not implemented for {name}; set it to 0")
     if config["skip_zeros"] and name in _NO_SKIP_ZEROS:
@@ -141,20 +154,29 @@ class Item:
     step: int
     gnorm_scale: float
     extra: tuple = ()
+    sr_seed: int | None = None  # Note [stochastic rounding]; None: round to nearest
 
 
 def _state_format(p: torch.Tensor, state: dict) -> tuple:
-    """(bits, blocksize) of a state: 32-bit; 8-bit blockwise (absmax per block) or tensor-wise (max, 0)."""
+    """(bits, blocksize) of a state: 32-bit; 8-bit blockwise (absmax per block) or tensor-wise (max, 0);
+    4-bit (16-value code maps, always blockwise)."""
     if state["state1"].dtype == torch.float32:
         return (32, 0)
+    if state["qmap1"].numel() == 16:
+        return (4, OPTIMIZER_BLOCKSIZE_4BIT)
     if "absmax1" not in state:
         return (8, 0)
     return (8, state_blocksize(p.numel(), state["absmax1"].shape[-1]))
 
 
-def state_blocksize(n: int, blocks: int) -> int:
+def state_blocksize(n: int, blocks: int, four_bit: bool = False) -> int:
     """Block size of an 8-bit state with ``blocks`` absmax values: 256 (bitsandbytes >= 0.44) or 2048
-    (older checkpoints). ValueError if neither fits."""
+    (older checkpoints); of a 4-bit state: 128. ValueError if none fits."""
+    if four_bit:
+        if blocks != -(-n // OPTIMIZER_BLOCKSIZE_4BIT):
+            raise ValueError(f"4-bit state has {blocks} absmax values per row; a parameter of {n} elements "
+                             f"needs {-(-n // OPTIMIZER_BLOCKSIZE_4BIT)} (blocks of {OPTIMIZER_BLOCKSIZE_4BIT})")
+        return OPTIMIZER_BLOCKSIZE_4BIT
     for blocksize in (OPTIMIZER_BLOCKSIZE_8BIT, LEGACY_OPTIMIZER_BLOCKSIZE_8BIT):
         if blocks == -(-n // blocksize):
             return blocksize
@@ -164,16 +186,17 @@ def state_blocksize(n: int, blocks: int) -> int:
     )
 
 
-def prepare(family: Family, p, grad, state: dict, config: dict, gnorm_scale: float) -> tuple[tuple, Item]:
+def prepare(family: Family, p, grad, state: dict, config: dict, gnorm_scale: float,
+            sr_seed: int | None = None) -> tuple[tuple, Item]:
     """The batching key and the work item of one parameter's step."""
     fmt = _state_format(p, state)
-    qmaps = tuple(id(state[f"qmap{j + 1}"]) for j in range(len(family.rows))) if fmt[0] == 8 else ()
+    qmaps = tuple(id(state[f"qmap{j + 1}"]) for j in range(len(family.rows))) if fmt[0] in (4, 8) else ()
     extra = ()
     if family is ADEMAMIX:
         alpha_t, beta3_t = ademamix_schedule(config, state["step"])
         extra = (beta3_t, alpha_t)
-    key = (family.op, p.device, p.dtype, fmt, qmaps, family.hyper(config))
-    return key, Item(p, grad, state, float(config["lr"]), int(state["step"]), float(gnorm_scale), extra)
+    key = (family.op, p.device, p.dtype, fmt, qmaps, sr_seed is not None, family.hyper(config))  # hyper last
+    return key, Item(p, grad, state, float(config["lr"]), int(state["step"]), float(gnorm_scale), extra, sr_seed)
 
 
 def _absmax(state: dict, j: int) -> torch.Tensor:
@@ -182,12 +205,13 @@ def _absmax(state: dict, j: int) -> torch.Tensor:
 
 def launch(family: Family, key: tuple, items: list[Item]) -> None:
     """Run one fused op over a batch of parameters that share ``key``."""
-    _, _, _, (bits, blocksize), _, hyper = key
+    _, _, _, (bits, blocksize), _, stochastic, hyper = key
+    sr = {"sr_seed": [it.sr_seed for it in items]} if stochastic else {}
     nstates = len(family.rows)
     params = [it.p for it in items]
     grads = [it.grad for it in items]
     storages = [[it.state[f"state{j + 1}"] for it in items] for j in range(nstates)]
-    if bits == 8:
+    if bits in (4, 8):
         absmaxes = [[_absmax(it.state, j + 1) for it in items] for j in range(nstates)]
         qmaps = [items[0].state[f"qmap{j + 1}"] for j in range(nstates)]
     else:
@@ -202,29 +226,29 @@ def launch(family: Family, key: tuple, items: list[Item]) -> None:
         beta1, beta2, eps, wd, max_unorm, skip_zeros, bias_correction = hyper
         ops.adam_step_(params, grads, storages[0], storages[1], absmaxes[0], absmaxes[1], qmaps, blocksize, lr, step,
                        gnorm, unorm if max_unorm > 0 else [], beta1, beta2, eps, wd, max_unorm, skip_zeros,
-                       bias_correction)
+                       bias_correction, **sr)
     elif family is ADEMAMIX:
         beta1, beta2, eps, wd = hyper
         ops.ademamix_step_(params, grads, storages[0], storages[1], absmaxes[0], absmaxes[1], qmaps, blocksize, lr,
                            step, gnorm, [it.extra[0] for it in items], [it.extra[1] for it in items], beta1, beta2,
-                           eps, wd)
+                           eps, wd, **sr)
     elif family is LION:
         beta1, beta2, wd, skip_zeros = hyper
         ops.lion_step_(params, grads, storages[0], absmaxes[0], qmaps, blocksize, lr, step, gnorm, beta1, beta2, wd,
-                       skip_zeros)
+                       skip_zeros, **sr)
     elif family is MOMENTUM:
         momentum, dampening, wd, nesterov, max_unorm, eps, skip_zeros = hyper
         ops.momentum_step_(params, grads, storages[0], absmaxes[0], qmaps, blocksize, lr, step, gnorm,
                            unorm if max_unorm > 0 else [], momentum, dampening, wd, nesterov, max_unorm, eps,
-                           skip_zeros)
+                           skip_zeros, **sr)
     elif family is RMSPROP:
         alpha, eps, wd, max_unorm, skip_zeros = hyper
         ops.rmsprop_step_(params, grads, storages[0], absmaxes[0], qmaps, blocksize, lr, step, gnorm,
-                          unorm if max_unorm > 0 else [], alpha, eps, wd, max_unorm, skip_zeros)
+                          unorm if max_unorm > 0 else [], alpha, eps, wd, max_unorm, skip_zeros, **sr)
     elif family is ADAGRAD:
         eps, wd, lr_decay, skip_zeros = hyper
         ops.adagrad_step_(params, grads, storages[0], absmaxes[0], qmaps, blocksize, lr, step, gnorm, eps, wd,
-                          lr_decay, skip_zeros)
+                          lr_decay, skip_zeros, **sr)
     else:  # pragma: no cover - FAMILIES is closed
         raise AssertionError(family)
     if bits == 8 and blocksize == 0:

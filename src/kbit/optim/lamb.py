@@ -18,12 +18,13 @@ class LAMB(Variant, Optimizer2State):
 
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, adam_w_mode=True, optim_bits=32, args=None, min_8bit_size=4096,
-                 percentile_clipping=100, block_wise=False, max_unorm=1.0):
+                 percentile_clipping=100, block_wise=False, max_unorm=1.0, bf16_stochastic_round=False):
         reject_amsgrad(type(self).__name__, amsgrad)
         if not adam_w_mode:
             raise ValueError("LAMB with adam_w_mode=False (L2 weight decay) is not implemented; decay is decoupled")
         super().__init__("lamb", params, lr, betas, eps, weight_decay, self._bits(optim_bits), args, min_8bit_size,
-                         percentile_clipping, block_wise, max_unorm)
+                         percentile_clipping, block_wise, max_unorm,
+                         bf16_stochastic_round=bf16_stochastic_round)
         for group in self.param_groups:
             group.setdefault("bias_correction", bool(bias_correction))
         self.defaults["bias_correction"] = bool(bias_correction)

@@ -17,10 +17,11 @@ class LARS(Variant, Optimizer1State):
     """LARS with 32-bit or 8-bit momentum (``max_unorm`` default 0.02)."""
 
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, optim_bits=32, args=None,
-                 min_8bit_size=4096, percentile_clipping=100, max_unorm=0.02):
+                 min_8bit_size=4096, percentile_clipping=100, max_unorm=0.02, bf16_stochastic_round=False):
         check_momentum(type(self).__name__, momentum, dampening, nesterov)
         super().__init__("lars", params, lr, (momentum, dampening), 0.0, weight_decay, self._bits(optim_bits), args,
-                         min_8bit_size, percentile_clipping, max_unorm=max_unorm, block_wise=False)
+                         min_8bit_size, percentile_clipping, max_unorm=max_unorm, block_wise=False,
+                         bf16_stochastic_round=bf16_stochastic_round)
         for group in self.param_groups:
             group.setdefault("nesterov", bool(nesterov))
         self.defaults["nesterov"] = bool(nesterov)

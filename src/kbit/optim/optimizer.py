@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from .. import functional as F
-from ..formats import OPTIMIZER_BLOCKSIZE_8BIT
-from . import distributed, families, paged, state_layout
+from ..formats import (OPTIMIZER_4BIT_SIGNED_MAP, OPTIMIZER_4BIT_UNSIGNED_MAP, OPTIMIZER_BLOCKSIZE_4BIT,
+                       OPTIMIZER_BLOCKSIZE_8BIT)
+from . import distributed, families, paged, state_layout, stochastic_rounding
 from .manager import GlobalOptimManager
 
 
@@ -94,6 +95,9 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.name2qmap["udynamic"] = F.create_dynamic_map(signed=False)
 
     def _qmap(self, name: str, device: torch.device) -> torch.Tensor:
+        if name in ("dynamic4", "udynamic4") and name not in self.name2qmap:  # Note [4-bit optimizer states]
+            values = OPTIMIZER_4BIT_SIGNED_MAP if name == "dynamic4" else OPTIMIZER_4BIT_UNSIGNED_MAP
+            self.name2qmap[name] = torch.tensor(values, dtype=torch.float32)
         if name not in self.name2qmap:
             self.fill_qmap()
         if self.name2qmap[name].device != device:
@@ -126,6 +130,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             "alpha": group.get("alpha", 0.0),
             "t_alpha": group.get("t_alpha"),
             "t_beta3": group.get("t_beta3"),
+            "bf16_stochastic_round": bool(group.get("bf16_stochastic_round", False)),
         }
         for key in families.EXTRA_GROUP_KEYS:
             if key in group:
@@ -143,9 +148,13 @@ class Optimizer8bit(torch.optim.Optimizer):
         """Create the state of ``p`` (bitsandbytes' layout, state_layout.py)."""
         config = self.get_config(gindex, pindex, group)
         bits = config["optim_bits"]
-        if bits not in (8, 32):
+        if bits not in (4, 8, 32):
             raise NotImplementedError(f"Amount of optimizer bits not supported: {bits}")
-        eight_bit = bits == 8 and p.numel() >= config["min_8bit_size"]
+        eight_bit = bits in (4, 8) and p.numel() >= config["min_8bit_size"]  # quantized (8- or 4-bit)
+        four_bit = eight_bit and bits == 4
+        if four_bit and distributed.is_sharded(p):
+            raise NotImplementedError("4-bit optimizer states are not implemented for sharded (FSDP2/DTensor) "
+                                      "parameters yet; use optim_bits=8 there")
         if self.is_paged and p.device.type != "cpu":
             self._warn_paged(p.device)
         state = self.state[p]
@@ -156,7 +165,13 @@ class Optimizer8bit(torch.optim.Optimizer):
         for j, rows in enumerate(family.rows):
             shape = (rows, *local.shape) if rows > 1 else local.shape
             name = f"state{j + 1}"
-            if eight_bit:
+            if four_bit:  # two codes per byte, flat per logical state (Note [4-bit optimizer states])
+                packed = (local.numel() + 1) // 2
+                state[name] = zeros((rows, packed) if rows > 1 else (packed,), torch.uint8)
+                state[f"qmap{j + 1}"] = self._qmap("dynamic4" if family.signed[j] else "udynamic4", p.device)
+                blocks = -(-local.numel() // OPTIMIZER_BLOCKSIZE_4BIT)
+                state[f"absmax{j + 1}"] = zeros((rows, blocks) if rows > 1 else (blocks,), torch.float32)
+            elif eight_bit:
                 state[name] = zeros(shape, torch.uint8)
                 state[f"qmap{j + 1}"] = self._qmap("dynamic" if family.signed[j] else "udynamic", p.device)
                 if config["block_wise"]:
@@ -276,9 +291,10 @@ class Optimizer8bit(torch.optim.Optimizer):
         gnorm_scale = 1.0
         if config["percentile_clipping"] < 100:
             gnorm_scale = percentile_clipping(grad, state, config["percentile_clipping"])
+        sr_seed = stochastic_rounding.tensor_seed(group, gindex, pindex, state["step"], p, config)
         if distributed.is_sharded(p):  # FSDP2: the kernels update this rank's shard (distributed.py)
-            return distributed.prepare(self._family(), p, grad, state, config, gnorm_scale)
-        return families.prepare(self._family(), p, grad, state, config, gnorm_scale)
+            return distributed.prepare(self._family(), p, grad, state, config, gnorm_scale, sr_seed)
+        return families.prepare(self._family(), p, grad, state, config, gnorm_scale, sr_seed)
 
     def _launch(self, key: tuple, items: list) -> None:
         if key[0] == distributed.TRUST_RATIO:  # a sharded parameter with a trust ratio
@@ -374,7 +390,8 @@ class Optimizer2State(Optimizer8bit):
         optimizer_name: the update rule ("adam", "lamb", "ademamix").
         params: parameters or parameter groups.
         lr, betas, eps, weight_decay: the rule's hyper-parameters (betas may be a string "(0.9, 0.999)").
-        optim_bits: 32 or 8.
+        optim_bits: 32, 8 or 4 (4: a kbit extension for Adam/AdamW, Lion and SGD with momentum; see
+            :mod:`kbit.optim.adam`).
         args: an object with attributes optim_bits, min_8bit_size, percentile_clipping, block_wise,
             max_unorm, skip_zeros; when given it replaces those constructor arguments.
         min_8bit_size: parameters with fewer elements keep 32-bit state.
@@ -384,17 +401,21 @@ class Optimizer2State(Optimizer8bit):
         skip_zeros: leave entries whose gradient is exactly 0 untouched (sparse-style updates).
         is_paged: paged state.
         alpha, t_alpha, t_beta3: AdEMAMix's mixing coefficient and schedule lengths.
+        bf16_stochastic_round: write bfloat16 parameters with stochastic rounding instead of round to
+            nearest (kbit only; see :mod:`kbit.optim.stochastic_rounding`). float32 parameters are unaffected;
+            float16 parameters raise ValueError.
     """
 
     def __init__(self, optimizer_name, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True,
-                 max_unorm=0.0, skip_zeros=False, is_paged=False, alpha=0.0, t_alpha=None, t_beta3=None):
+                 max_unorm=0.0, skip_zeros=False, is_paged=False, alpha=0.0, t_alpha=None, t_beta3=None,
+                 bf16_stochastic_round=False):
         betas = _parse_betas(betas)
         _check_hyperparameters(lr, eps, betas, weight_decay)
         families.check_name(optimizer_name, states=2)
         families.check_betas(optimizer_name, betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha, t_alpha=t_alpha,
-                        t_beta3=t_beta3)
+                        t_beta3=t_beta3, **stochastic_rounding.group_defaults(bf16_stochastic_round))
         super().__init__(params, defaults, optim_bits, is_paged)
         self.args = _make_args(args, optim_bits, min_8bit_size, percentile_clipping, block_wise, max_unorm, skip_zeros)
         self.optimizer_name = optimizer_name
@@ -409,12 +430,13 @@ class Optimizer1State(Optimizer8bit):
 
     def __init__(self, optimizer_name, params, lr=1e-3, betas=(0.9, 0.0), eps=1e-8, weight_decay=0.0,
                  optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True,
-                 max_unorm=0.0, skip_zeros=False, is_paged=False):
+                 max_unorm=0.0, skip_zeros=False, is_paged=False, bf16_stochastic_round=False):
         betas = _parse_betas(betas)
         _check_hyperparameters(lr, eps, betas, weight_decay, optimizer_name)
         families.check_name(optimizer_name, states=1)
         families.check_betas(optimizer_name, betas)
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        **stochastic_rounding.group_defaults(bf16_stochastic_round))
         super().__init__(params, defaults, optim_bits, is_paged)
         self.args = _make_args(args, optim_bits, min_8bit_size, percentile_clipping, block_wise, max_unorm, skip_zeros)
         self.optimizer_name = optimizer_name
@@ -423,8 +445,8 @@ class Optimizer1State(Optimizer8bit):
 def _make_args(args, optim_bits, min_8bit_size, percentile_clipping, block_wise, max_unorm, skip_zeros):
     if args is not None:
         return args
-    if optim_bits not in (8, 32):
-        raise ValueError(f"optim_bits must be 8 or 32 (got {optim_bits})")
+    if optim_bits not in (4, 8, 32):
+        raise ValueError(f"optim_bits must be 32, 8 or 4 (got {optim_bits})")
     if not isinstance(percentile_clipping, int) or not 0 < percentile_clipping <= 100:
         raise ValueError(f"percentile_clipping must be an int in 1..100 (got {percentile_clipping!r})")
     if max_unorm < 0:

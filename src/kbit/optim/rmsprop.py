@@ -18,7 +18,7 @@ class RMSprop(Variant, Optimizer1State):
     """RMSprop with 32-bit or 8-bit state."""
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
-                 optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True):
+                 optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True, bf16_stochastic_round=False):
         if alpha == 0:
             raise NotImplementedError("RMSprop with alpha==0.0 is not supported!")
         if momentum != 0:
@@ -26,7 +26,8 @@ class RMSprop(Variant, Optimizer1State):
         if centered:
             raise ValueError("Centered RMSprop is not implemented; use centered=False")
         super().__init__("rmsprop", params, lr, (alpha, momentum), eps, weight_decay, self._bits(optim_bits), args,
-                         min_8bit_size, percentile_clipping, block_wise)
+                         min_8bit_size, percentile_clipping, block_wise,
+                         bf16_stochastic_round=bf16_stochastic_round)
 
 
 class RMSprop8bit(RMSprop):

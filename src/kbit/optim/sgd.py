@@ -27,10 +27,11 @@ class SGD(Variant, Optimizer1State):
     """SGD with momentum, 32-bit or 8-bit momentum buffer."""
 
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, optim_bits=32, args=None,
-                 min_8bit_size=4096, percentile_clipping=100, block_wise=True):
+                 min_8bit_size=4096, percentile_clipping=100, block_wise=True, bf16_stochastic_round=False):
         check_momentum(type(self).__name__, momentum, dampening, nesterov)
         super().__init__("momentum", params, lr, (momentum, dampening), 0.0, weight_decay, self._bits(optim_bits),
-                         args, min_8bit_size, percentile_clipping, block_wise)
+                         args, min_8bit_size, percentile_clipping, block_wise,
+                         bf16_stochastic_round=bf16_stochastic_round)
         for group in self.param_groups:
             group.setdefault("nesterov", bool(nesterov))
         self.defaults["nesterov"] = bool(nesterov)

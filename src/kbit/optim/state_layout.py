@@ -71,16 +71,22 @@ def validate(family: families.Family, p: torch.Tensor, st: dict, where: str) -> 
         name = f"state{j}"
         _expect(name in st and isinstance(st[name], torch.Tensor), where, f"missing tensor {name!r}")
         s = st[name]
-        shape = (rows, *p.shape) if rows > 1 else tuple(p.shape)
+        q = st.get(f"qmap{j}")
+        four_bit = s.dtype == torch.uint8 and isinstance(q, torch.Tensor) and q.shape == (16,)
+        # 4-bit states (a kbit extension, Note [4-bit optimizer states]) hold two codes per byte, flat per row.
+        shape = (((rows,) if rows > 1 else ()) + ((n + 1) // 2,)) if four_bit else \
+            ((rows, *p.shape) if rows > 1 else tuple(p.shape))
         _expect(tuple(s.shape) == shape, where, f"{name} has shape {tuple(s.shape)}, expected {shape}")
         _expect(s.dtype in (torch.float32, torch.uint8), where, f"{name} must be float32 or uint8 (got {s.dtype})")
         _expect(s.dtype == st["state1"].dtype, where, "all states must have the same dtype")
         if s.dtype == torch.uint8:
-            q = st.get(f"qmap{j}")
-            _expect(isinstance(q, torch.Tensor) and q.dtype == torch.float32 and q.shape == (256,), where,
-                    f"qmap{j} must be 256 float32 values")
+            _expect(isinstance(q, torch.Tensor) and q.dtype == torch.float32 and q.shape in ((256,), (16,)), where,
+                    f"qmap{j} must be 256 float32 values (8-bit state) or 16 (4-bit state)")
             _expect(not bool(torch.isnan(q).any()) and not bool((q[1:] < q[:-1]).any()), where,
                     f"qmap{j} must be sorted and free of NaN")
+            _expect(q.shape == st["qmap1"].shape, where, "all states must have the same number of bits")
+            if four_bit:
+                _expect(f"absmax{j}" in st, where, f"4-bit state needs absmax{j}")
             if distributed.is_sharded(p):
                 problem = distributed.check_scales(p, st, j, rows)
                 _expect(problem is None, where, str(problem))
@@ -90,7 +96,7 @@ def validate(family: families.Family, p: torch.Tensor, st: dict, where: str) -> 
                 _expect(a.dim() == (2 if rows > 1 else 1) and (rows == 1 or a.shape[0] == rows), where,
                         f"absmax{j} has shape {tuple(a.shape)}")
                 try:
-                    families.state_blocksize(n, a.shape[-1])
+                    families.state_blocksize(n, a.shape[-1], four_bit=four_bit)
                 except ValueError as exc:
                     _expect(False, where, str(exc))
             else:
@@ -172,7 +178,7 @@ def share_qmaps(st: dict, optimizer) -> None:
         q = st.get(f"qmap{j}")
         if q is None:
             continue
-        for name in ("dynamic", "udynamic"):
+        for name in ("dynamic", "udynamic", "dynamic4", "udynamic4"):
             shared = optimizer._qmap(name, q.device)
             if q is not shared and torch.equal(q, shared):
                 st[f"qmap{j}"] = shared
