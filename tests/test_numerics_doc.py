@@ -109,6 +109,16 @@ def test_8bit_blockwise_bad_gradient_poisons_its_block_for_good(rule, bad):
     assert found and found[0].parameter_nonfinite == 256 and found[0].values == 256 * (2 if rule[0] == "AdEMAMix" else 1)
 
 
+@pytest.mark.parametrize("cls", [O.Adam, O.Lion], ids=["Adam4bit", "Lion4bit"])
+def test_4bit_bad_gradient_poisons_its_block_of_128(cls):
+    """numerics.md, 4-bit state: as 8-bit blockwise, with blocks of 128 (elements 256..383 hold BAD = 300)."""
+    p, opt, _ = _run(cls, {}, 4, NAN)
+    assert bool(torch.isnan(p[256:384]).all())
+    assert bool(torch.isfinite(p[:256]).all()) and bool(torch.isfinite(p[384:]).all())
+    found = O.find_nonfinite_state(opt)
+    assert found and all(f.values == 128 and f.parameter_nonfinite == 128 for f in found)
+
+
 @pytest.mark.parametrize("cls, kwargs", [(O.LAMB, {}), (O.Adam, dict(block_wise=False))], ids=["LAMB", "Adam-tensorwise"])
 def test_8bit_tensorwise_bad_gradient_poisons_the_whole_tensor(cls, kwargs):
     """numerics.md, 8-bit tensor-wise state (block_wise=False, LAMB, LARS): one scale per tensor, so the whole

@@ -37,8 +37,9 @@ def _scales(state: dict, j: int):
     return None
 
 
-def _poisoned(state: dict, j: int) -> tuple[torch.Tensor, int] | None:
-    """(mask over the state's values or over its blocks, values lost) of state j, or None if it is finite."""
+def _poisoned(state: dict, j: int, n: int) -> tuple[torch.Tensor, int] | None:
+    """(mask over the state's values or over its blocks, values lost) of state j of an n-element parameter, or
+    None if it is finite."""
     s = state.get(f"state{j}")
     if not isinstance(s, torch.Tensor):
         return None
@@ -48,15 +49,16 @@ def _poisoned(state: dict, j: int) -> tuple[torch.Tensor, int] | None:
         return (bad, count) if count else None
     scales = _scales(state, j)
     bad = ~torch.isfinite(scales)
-    nbad = int(bad.sum())
-    if not nbad:
+    if not bool(bad.any()):
         return None
-    rows = scales.shape[0] if scales.dim() == 2 or f"max{j}" in state else 1
-    per_row = s.numel() // rows
-    blocks = scales.numel() // rows
-    blocksize = families.state_blocksize(per_row, blocks) if f"absmax{j}" in state else per_row
-    flat = bad.reshape(rows, blocks).repeat_interleave(blocksize, dim=1)[:, :per_row]
-    return bad, int(flat.sum())
+    if f"max{j}" in state:  # tensor-wise: one scale per logical state
+        rows, blocksize = scales.numel(), max(n, 1)
+    else:
+        rows = scales.shape[0] if scales.dim() == 2 else 1
+        four_bit = state[f"qmap{j}"].numel() == 16
+        blocksize = families.state_blocksize(n, scales.numel() // rows, four_bit)
+    lost = bad.reshape(rows, -1).repeat_interleave(blocksize, dim=1)[:, :n]
+    return bad, int(lost.sum())
 
 
 def find_nonfinite_state(optimizer: torch.optim.Optimizer) -> list[NonFiniteState]:
@@ -67,7 +69,7 @@ def find_nonfinite_state(optimizer: torch.optim.Optimizer) -> list[NonFiniteStat
         for pi, p in enumerate(group["params"]):
             state = optimizer.state.get(p, {})
             for j in (1, 2):
-                hit = _poisoned(state, j)
+                hit = _poisoned(state, j, p.numel())
                 if hit is not None:
                     found.append(NonFiniteState(gi, pi, f"state{j}", hit[1], int((~torch.isfinite(p.detach())).sum())))
     return found
