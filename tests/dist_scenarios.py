@@ -139,6 +139,21 @@ def train_all(rank: int, world_size: int, outdir: str) -> None:
         _train(model2, opt2, rank, range(SAVE_AT, STEPS))
         results[f"dcp/{name}/resumed"] = _full_params(model2)
 
+    # Paged state under FSDP2: each rank's shard state in its own files (a lower paging threshold, as the
+    # model is small), trained exactly like the unpaged FSDP2 run.
+    from kbit.optim import paged
+
+    threshold, paged.PAGED_MIN_NUMEL = paged.PAGED_MIN_NUMEL, 1024
+    try:
+        model = fsdp_wrap(make_model())
+        opt = O.PagedAdamW8bit(model.parameters(), lr=LR)
+        _train(model, opt, rank, range(STEPS))
+        results["fsdp/paged_adamw8bit"] = _full_params(model)
+        results["paged_files"] = {n: [key for key in paged.PAGED_KEYS if key in opt.state[p]
+                                      and paged.is_file_backed(opt.state[p][key].to_local())]
+                                  for n, p in model.named_parameters()}
+    finally:
+        paged.PAGED_MIN_NUMEL = threshold
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
 
 

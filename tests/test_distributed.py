@@ -70,7 +70,7 @@ def reference():
 def test_every_rank_ends_identical(runs):
     _, ranks = runs
     for key, params in ranks[0].items():
-        if isinstance(params, dict):
+        if isinstance(params, dict) and key != "paged_files":
             for n, p in params.items():
                 assert_bitwise_equal(ranks[1][key][n], p, f"{key} {n}: rank 1 vs rank 0")
 
@@ -157,6 +157,16 @@ def test_fsdp2_lamb8bit_within_quantization_noise(runs, reference):
     for n, p in ranks[0]["fsdp/lamb8bit"].items():
         _assert_within_noise(p, reference["lamb8bit"][n], start[n], f"FSDP2 vs DDP LAMB8bit {n}",
                              fraction=TENSORWISE_NOISE_FRACTION)
+
+
+def test_fsdp2_paged_state_lives_in_files_and_trains_identically(runs):
+    _, ranks = runs
+    for r in range(WORLD):
+        for n, p in ranks[r]["fsdp/paged_adamw8bit"].items():
+            assert_bitwise_equal(p, ranks[r]["fsdp/adamw8bit"][n], f"rank {r} paged vs plain {n}")
+        files = ranks[r]["paged_files"]
+        for n in ("l1.weight", "l2.weight", "l3.weight"):  # 8-bit states and their padded scales
+            assert files[n] == ["state1", "state2", "absmax1", "absmax2"], (r, n, files[n])
 
 
 @pytest.mark.parametrize("name", ["torch_adamw", "adamw8bit"])

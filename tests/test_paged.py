@@ -20,11 +20,9 @@ from kbit.optim import paged
 
 from conftest import assert_bitwise_equal
 
-PAGED_PAIRS = [(O.PagedAdam, O.Adam), (O.PagedAdam8bit, O.Adam8bit), (O.PagedAdam32bit, O.Adam32bit),
-               (O.PagedAdamW, O.AdamW), (O.PagedAdamW8bit, O.AdamW8bit), (O.PagedAdamW32bit, O.AdamW32bit),
-               (O.PagedAdEMAMix, O.AdEMAMix), (O.PagedAdEMAMix8bit, O.AdEMAMix8bit),
-               (O.PagedAdEMAMix32bit, O.AdEMAMix32bit), (O.PagedLion, O.Lion), (O.PagedLion8bit, O.Lion8bit),
-               (O.PagedLion32bit, O.Lion32bit)]
+#: Every Paged class with its plain twin (PagedAdamW8bit -> AdamW8bit).
+PAGED_PAIRS = [(cls, getattr(O, name[len("Paged"):])) for name, cls in sorted(vars(O).items())
+               if name.startswith("Paged") and isinstance(cls, type)]
 #: A paged parameter (>= PAGED_MIN_NUMEL, with a partial last block) and a small one that stays in memory.
 SHAPES = [(300, 257), (7,)]
 assert 300 * 257 >= paged.PAGED_MIN_NUMEL > 7
@@ -57,9 +55,11 @@ def _big(ps):
     return ps[0]
 
 
-def test_paged_pairs_cover_every_paged_class():
-    assert {c for c in vars(O).values() if isinstance(c, type) and c.__name__.startswith("Paged")} == \
-        {p for p, _ in PAGED_PAIRS}
+def test_paged_pairs_are_twins():
+    assert len(PAGED_PAIRS) >= 12
+    for paged_cls, plain_cls in PAGED_PAIRS:
+        assert paged_cls._FORCED_PAGED and not plain_cls._FORCED_PAGED
+        assert paged_cls._FORCED_BITS == plain_cls._FORCED_BITS
 
 
 @pytest.mark.parametrize("paged_cls,plain_cls", PAGED_PAIRS, ids=lambda c: c.__name__)
