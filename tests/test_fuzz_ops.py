@@ -1,7 +1,8 @@
 """Hypothesis fuzzing of the optimizer ops and the 4-bit matmul/dequantize ops: native (every CPU level) against
 the pure-PyTorch reference.
 
-- Optimizer ops (every rule, 32-bit / 8-bit blockwise / 8-bit tensor-wise, every parameter dtype): parameters,
+- Optimizer ops (every rule, 32-bit / 8-bit blockwise / 8-bit tensor-wise / 4-bit, every parameter dtype, bf16
+  stochastic rounding on and off): parameters,
   gradients, states and absmax seeded with special values (NaN, +-Inf, subnormals, huge magnitudes, exact zeros,
   all-zero blocks, zero absmax) must give the reference's bits (NaN equals any NaN), as test_optim_numerics.py
   requires for ordinary values. Trust ratios (max_unorm > 0) are fuzzed by test_optim_numerics.py's tolerance
@@ -27,12 +28,13 @@ from hypothesis import strategies as st
 import kbit
 from conftest import CPU_LEVELS, assert_bitwise_equal
 from kbit.backends import cpu, reference, reference_optim
-from kbit.formats import BLOCKSIZES_4BIT, create_dynamic_map
+from kbit.formats import (BLOCKSIZES_4BIT, OPTIMIZER_4BIT_SIGNED_MAP, OPTIMIZER_4BIT_UNSIGNED_MAP,
+                          OPTIMIZER_BLOCKSIZE_4BIT, create_dynamic_map)
 from test_optim_numerics import MODES, OPS, _clone_args, _mutable, _op_args, _op_inputs
 
 PROFILE = os.environ.get("KBIT_FUZZ_PROFILE", "ci")
 #: Examples per test in each profile (the CI one keeps this module under ~30 s on two cores).
-EXAMPLES = {"ci": {"optim": 250, "gemm": 120, "dequant": 150}, "long": {"optim": 3000, "gemm": 1500, "dequant": 2000}}
+EXAMPLES = {"ci": {"optim": 300, "gemm": 120, "dequant": 150}, "long": {"optim": 3000, "gemm": 1500, "dequant": 2000}}
 
 
 def _settings(kind: str):
@@ -41,7 +43,10 @@ def _settings(kind: str):
 
 
 SPECIALS = [float("nan"), float("inf"), float("-inf"), 1e-40, -1e-42, 0.0, -0.0, 1e30, -1e30, 3e38]
-FINITE_SPECIALS = [1e-40, -1e-42, 0.0, -0.0, 1e30, -1e30]
+#: Ops with 4-bit states: rows per state storage, signed map per storage.
+LAYOUT_4BIT = {"adam_step_": ((1, 1), (True, False)), "lion_step_": ((1,), (True,)), "momentum_step_": ((1,), (True,))}
+#: Special values that stay finite in every parameter dtype (float16's max is 65504).
+FINITE_SPECIALS = [1e-40, -1e-42, 0.0, -0.0, 6e4, -6e4]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CODE = create_dynamic_map()
 
@@ -89,11 +94,54 @@ def _optim_calls(draw):
              weight_decay=draw(st.sampled_from([0.0, 0.01])), skip_zeros=draw(st.booleans()),
              scale_gradients=True, bias_correction=draw(st.booleans()), dampening=draw(st.sampled_from([0.0, 0.1])),
              nesterov=draw(st.booleans()), lr_decay=draw(st.sampled_from([0.0, 0.01])), max_unorm=0.0, trust_eps=0.0)
-    return name, mode, _op_args(name, inputs, mode, h)
+    args = _op_args(name, inputs, mode, h)
+    if dtype == torch.bfloat16 and draw(st.booleans()):  # bf16 stochastic rounding: one seed per tensor
+        args = (*args, [draw(st.integers(0, 2**32 - 1)) for _ in sizes])
+    return name, mode, args
+
+
+@st.composite
+def _optim_4bit_calls(draw):
+    """4-bit states (Note [4-bit optimizer states]): two codes per byte, blocks of 128, 16-value maps."""
+    name = draw(st.sampled_from(list(LAYOUT_4BIT)))
+    dtype = draw(st.sampled_from(DTYPES))
+    sizes = draw(st.lists(st.sampled_from([1, 2, 3, 127, 128, 129, 257, 1001]), min_size=1, max_size=3))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    specials = FINITE_SPECIALS if name == "lion_step_" else SPECIALS
+    params, grads = [], []
+    for n in sizes:
+        p, grad = torch.randn(n, generator=g) * 0.1, torch.randn(n, generator=g) * 0.01
+        _poke(draw, p, SPECIALS, max_hits=2)
+        _poke(draw, grad, specials)
+        params.append(p.to(dtype))
+        grads.append(grad.to(dtype))
+    states, absmaxes, qmaps = [], [], []
+    for r, sgn in zip(*LAYOUT_4BIT[name]):
+        states.append([torch.randint(0, 256, (r * ((n + 1) // 2),), generator=g, dtype=torch.uint8) for n in sizes])
+        per = [torch.rand(r * -(-n // OPTIMIZER_BLOCKSIZE_4BIT), generator=g) * 0.05 for n in sizes]
+        for a in per:
+            _poke(draw, a, [0.0, 1e-40, 1e30] + ([float("nan"), float("inf")] if name != "lion_step_" else []), 2)
+        absmaxes.append(per)
+        qmaps.append(torch.tensor(OPTIMIZER_4BIT_SIGNED_MAP if sgn else OPTIMIZER_4BIT_UNSIGNED_MAP))
+    k = len(sizes)
+    common = (OPTIMIZER_BLOCKSIZE_4BIT, [draw(st.sampled_from([0.0, 1e-3])) for _ in sizes],
+              [draw(st.sampled_from([1, 3, 1000])) for _ in sizes], [draw(st.sampled_from([1.0, 0.0, 0.5])) for _ in sizes])
+    wd, skip = draw(st.sampled_from([0.0, 0.05])), draw(st.booleans())
+    if name == "adam_step_":
+        args = (params, grads, states[0], states[1], absmaxes[0], absmaxes[1], qmaps, *common, [], 0.9, 0.999, 1e-8, wd,
+                0.0, skip, draw(st.booleans()))
+    elif name == "lion_step_":
+        args = (params, grads, states[0], absmaxes[0], qmaps, *common, 0.9, 0.99, wd, skip)
+    else:
+        args = (params, grads, states[0], absmaxes[0], qmaps, *common, [], 0.9, draw(st.sampled_from([0.0, 0.2])), wd,
+                draw(st.booleans()), 0.0, 0.0, skip)
+    if dtype == torch.bfloat16 and draw(st.booleans()):
+        args = (*args, [draw(st.integers(0, 2**32 - 1)) for _ in range(k)])
+    return name, "4bit", args
 
 
 @_settings("optim")
-@given(_optim_calls())
+@given(st.one_of(_optim_calls(), _optim_4bit_calls()))
 def test_fuzz_optimizer_ops_special_values_native_equals_reference(call):
     name, mode, args = call
     ref_args = _clone_args(args)
