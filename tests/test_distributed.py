@@ -258,3 +258,21 @@ def test_reshard_requantizes_within_half_a_step():
         # The dynamic map's widest gap is 1/64 of the block's absmax; nearest rounding halves it.
         scale_of = w["absmax1"][kdist._scale_index(shape, target, 256)]
         assert bool(((after - before).abs() <= scale_of / 64 + 1e-12).all()), target
+
+
+@pytest.mark.slow
+def test_docs_program_runs(tmp_path):
+    """The complete program at the end of docs/distributed.md runs as a script and prints "ok" (it spawns
+    2 ranks: too slow for the docs examples' per-block limit, so it is run here)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "distributed.md").read_text()
+    match = re.search(r"test_docs_program_runs[^\n]*\n```python\n(.*?)\n```", text, re.S)
+    assert match, "the complete program block was not found in docs/distributed.md"
+    script = tmp_path / "program.py"
+    script.write_text(match.group(1))
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
