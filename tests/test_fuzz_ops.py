@@ -47,6 +47,8 @@ SPECIALS = [float("nan"), float("inf"), float("-inf"), 1e-40, -1e-42, 0.0, -0.0,
 LAYOUT_4BIT = {"adam_step_": ((1, 1), (True, False)), "lion_step_": ((1,), (True,)), "momentum_step_": ((1,), (True,))}
 #: Special values that stay finite in every parameter dtype (float16's max is 65504).
 FINITE_SPECIALS = [1e-40, -1e-42, 0.0, -0.0, 6e4, -6e4]
+#: Lion parameters: no -0.0 (and no negative value that rounds to it in a 16-bit dtype).
+LION_PARAM_SPECIALS = [float("nan"), float("inf"), float("-inf"), 1e-40, 0.0, 6e4, -6e4, 3e38]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CODE = create_dynamic_map()
 
@@ -67,13 +69,14 @@ def _optim_calls(draw):
     sizes = draw(st.lists(st.sampled_from([1, 2, 3, 7, 17, 255, 256, 257, 600, 4097]), min_size=1, max_size=3))
     inputs = _op_inputs(name, mode, dtype, sizes, seed=draw(st.integers(0, 2**31 - 1)), extra_2d=False)
     params, grads, states, absmaxes, _, t = inputs
-    # Lion's sign() of a NaN differs between native and reference (test_lion_sign_of_nan_native_equals_reference,
-    # reported): its gradients and states get only finite specials here, as NaN/Inf there would produce NaN.
+    # Lion's sign() of NaN and -0.0 differs between native and reference (test_lion_sign_native_equals_reference,
+    # reported): its gradients and states get only finite specials here (NaN/Inf there would produce a NaN
+    # direction), and its parameters no -0.0 (the only place where the sign of a zero direction shows).
     specials = FINITE_SPECIALS if name == "lion_step_" else SPECIALS
     for g in grads:
         _poke(draw, g, specials)
     for p in params:
-        _poke(draw, p, SPECIALS, max_hits=2)
+        _poke(draw, p, LION_PARAM_SPECIALS if name == "lion_step_" else SPECIALS, max_hits=2)
     for per_state in states:
         for s in per_state:
             if s.dtype == torch.float32:
@@ -111,7 +114,7 @@ def _optim_4bit_calls(draw):
     params, grads = [], []
     for n in sizes:
         p, grad = torch.randn(n, generator=g) * 0.1, torch.randn(n, generator=g) * 0.01
-        _poke(draw, p, SPECIALS, max_hits=2)
+        _poke(draw, p, LION_PARAM_SPECIALS if name == "lion_step_" else SPECIALS, max_hits=2)
         _poke(draw, grad, specials)
         params.append(p.to(dtype))
         grads.append(grad.to(dtype))
@@ -155,12 +158,14 @@ def test_fuzz_optimizer_ops_special_values_native_equals_reference(call):
             assert_bitwise_equal(a, b, f"{name} {mode} at {level}: tensor {i}")
 
 
-@pytest.mark.xfail(strict=True, reason="native bug, reported: csrc/cpu/optim_rules.h sign() returns NaN for NaN "
-                   "('as torch.sign'), but torch.sign(NaN) is 0, which the reference uses: a NaN Lion state gives a NaN "
-                   "parameter natively and an unchanged one in the reference")
-def test_lion_sign_of_nan_native_equals_reference():
-    args = ([torch.tensor([0.1541])], [torch.tensor([-0.0029])], [torch.tensor([float("nan")])], [], [], 0, [1e-3],
-            [1], [1.0], 0.9, 0.99, 0.0, False)
+@pytest.mark.xfail(strict=True, reason="native bug, reported: csrc/cpu/optim_rules.h sign() returns its argument for "
+                   "NaN and -0.0 ('as torch.sign'), but torch.sign gives +0 for both, and the reference uses it: a NaN "
+                   "Lion state gives a NaN parameter natively and an unchanged one in the reference; a -0.0 parameter "
+                   "with a -0.0 update direction ends +0.0 natively, -0.0 in the reference")
+@pytest.mark.parametrize("p, s", [(0.1541, float("nan")), (-0.0, -0.0)], ids=["nan-state", "negative-zero"])
+def test_lion_sign_native_equals_reference(p, s):
+    args = ([torch.tensor([p])], [torch.tensor([-0.0])], [torch.tensor([s])], [], [], 0, [1e-3], [1], [1.0], 0.9,
+            0.99, 0.0, False)
     ref = _clone_args(args)
     torch.ops.kbit.lion_step_(*args)
     reference_optim.lion_step_(*ref)

@@ -349,6 +349,12 @@ TAMPERED_OPTIM = {
     "betas one value": (lambda sd: sd["param_groups"][0].__setitem__("betas", (0.9,)), "at least 2 numbers"),
     "betas strings": (lambda sd: sd["param_groups"][0].__setitem__("betas", ("a", "b")), "at least 2 numbers"),
     "not a state dict": (lambda sd: sd.pop("param_groups"), "'state' and 'param_groups'"),
+    "sr_seed a string": (lambda sd: sd["param_groups"][0].update(bf16_stochastic_round=True, sr_seed="7"),
+                         "sr_seed must be a non-negative int"),
+    "sr_seed negative": (lambda sd: sd["param_groups"][0].update(bf16_stochastic_round=True, sr_seed=-1),
+                         "sr_seed must be"),
+    "bf16_stochastic_round a string": (lambda sd: sd["param_groups"][0].update(bf16_stochastic_round="yes"),
+                                       "must be True or False"),
 }
 
 
@@ -372,6 +378,42 @@ def test_tampered_optimizer_checkpoint_raises_and_changes_nothing(tamper):
     for p in params:  # and it still steps
         p.grad = torch.randn_like(p) * 0.01
     target.step()
+
+
+FOUR_BIT = [O.Adam4bit, O.AdamW4bit, O.Lion4bit]
+TAMPERED_4BIT = {
+    "state1 sized for 8-bit": (lambda st: st.__setitem__("state1", torch.zeros(64 * 65, dtype=torch.uint8)),
+                               "state1 has shape"),
+    "qmap1 of 256 values": (lambda st: st.__setitem__("qmap1", torch.linspace(-1, 1, 256)),
+                            "state1 has shape|qmap1"),  # read as an 8-bit state, whose shape is then wrong
+    "absmax1 for blocks of 256": (lambda st: st.__setitem__("absmax1", torch.ones(-(-64 * 65 // 256))), "absmax"),
+}
+
+
+def _trained_4bit(cls, seed):
+    torch.manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(64, 65) * 0.1)]
+    opt = cls(params)
+    params[0].grad = torch.randn(64, 65) * 0.01
+    opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("cls", FOUR_BIT, ids=lambda c: c.__name__)
+def test_4bit_optimizer_state_dict_is_weights_only_and_tampering_is_rejected(cls):
+    _, source = _trained_4bit(cls, 0)
+    sd = _roundtrip(source.state_dict())
+    _, twin = _trained_4bit(cls, 1)
+    twin.load_state_dict(sd)
+    for name, (edit, message) in TAMPERED_4BIT.items():
+        bad = _roundtrip(source.state_dict())
+        edit(_inner(bad))
+        _, target = _trained_4bit(cls, 2)
+        before = copy.deepcopy(target.state_dict())
+        with pytest.raises(ValueError, match=message):
+            target.load_state_dict(_roundtrip(bad))
+        for key, t in _inner(before).items():
+            assert_bitwise_equal(_inner(target.state_dict())[key], t, f"{name}: {key}")
 
 
 def test_json_bombs_are_bounded():

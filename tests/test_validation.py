@@ -301,6 +301,24 @@ def _optim_op_cases(name: str) -> list[tuple[str, dict, bool, type, str]]:
         ("param-float64", dict(params=[torch.ones(N_OPT, dtype=torch.float64)],
                                grads=[torch.ones(N_OPT, dtype=torch.float64)]), True, TypeError, "float64"),
     ]
+    bf16 = dict(params=[torch.randn(N_OPT).bfloat16()], grads=[torch.randn(N_OPT).bfloat16()])
+    cases += [
+        ("sr-seed-float32-param", dict(sr_seed=[1]), True, ValueError, "bfloat16 parameters only"),
+        ("sr-seed-length", dict(bf16, sr_seed=[1, 2]), True, ValueError, "sr_seed must be empty or have one entry"),
+        ("sr-seed-negative", dict(bf16, sr_seed=[-1]), True, ValueError, "0..2"),
+    ]
+    if name in ("adam_step_", "lion_step_", "momentum_step_"):  # 4-bit states: two codes per byte, 16-value maps
+        maps = [torch.linspace(-1, 1, 16), torch.linspace(0, 1, 16)][: len(_optim_ops.OP_ROWS[name])]
+        four = dict(qmaps=maps, blocksize=128, **{f"absmax{j}": [torch.ones(8)] for j in (1, 2)},
+                    **{f"state{j}": [torch.zeros(500, dtype=torch.uint8)] for j in (1, 2)})
+        cases += [
+            ("4bit-state-sized-for-8bit", dict(four, state1=[torch.zeros(N_OPT, dtype=torch.uint8)]), True, ValueError,
+             "needs 1 x 500"),
+            ("4bit-odd-blocksize", dict(four, blocksize=127, **{f"absmax{j}": [torch.ones(8)] for j in (1, 2)}), True,
+             ValueError, "even blocksize"),
+            ("4bit-maps-mixed", dict(four, qmaps=[torch.linspace(-1, 1, 16), CODE][: len(maps)] if len(maps) == 2
+                                     else [CODE]), True, ValueError, "must be 16 float32 values|needs 1 x 1000"),
+        ]
     if len(_optim_ops.OP_ROWS[name]) == 2:
         cases.append(("states-mixed", dict(state2=[torch.zeros(N_OPT)]), True, TypeError, "same dtype"))
     else:

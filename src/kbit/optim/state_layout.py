@@ -126,6 +126,12 @@ def validate_group(name: str, group: dict, where: str) -> None:
             families.check_betas(name, group["betas"])
         except ValueError as exc:
             _expect(False, where, str(exc))
+    if "bf16_stochastic_round" in group:
+        _expect(isinstance(group["bf16_stochastic_round"], bool), where, "bf16_stochastic_round must be True or False")
+    if "sr_seed" in group:
+        seed = group["sr_seed"]
+        _expect(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, where,
+                f"sr_seed must be a non-negative int (got {seed!r:.40})")
 
 
 def _cast(p: torch.Tensor, st: dict, move_to_device: bool) -> dict:
