@@ -230,3 +230,33 @@ def test_the_runner_finds_blocks_and_markers(tmp_path, monkeypatch):
     assert [b.code for b in blocks] == ["x = 1\n", "y = 2\n", "z = 3\n"]
     assert [b.line for b in blocks] == [2, 7, 14]
     assert blocks[0].markers == {} and blocks[1].markers == {"not-run": "needs a GPU"}
+
+
+_LINK = re.compile(r"\[[^\]]*\]\((?P<target>[^)\s]+)\)")
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors of a Markdown file: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+    slugs = set()
+    for heading in re.findall(r"^#{1,6}[ \t]+(.+?)[ \t]*#*$", text, flags=re.M):
+        slugs.add(re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-"))
+    return slugs
+
+
+def test_relative_links_resolve():
+    """Every relative link in README.md and docs/*.md points to a file that exists, and to a heading of
+    that file when it names an anchor (Markdown targets only)."""
+    broken = []
+    for path in doc_files():
+        text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)  # not inside code
+        for m in _LINK.finditer(text):
+            target, _, anchor = m.group("target").partition("#")
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # a URL
+                continue
+            file = (path.parent / target) if target else path
+            if not file.exists():
+                broken.append(f"{path.relative_to(ROOT)}: {m.group(0)} (no such file)")
+            elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
+                broken.append(f"{path.relative_to(ROOT)}: {m.group(0)} (no heading #{anchor} in {target or 'this page'})")
+    assert not broken, "broken links:\n" + "\n".join(broken)
