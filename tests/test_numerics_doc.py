@@ -307,11 +307,15 @@ def _quantization_outputs():
 
 def _optimizer_outputs():
     outs = []
-    for cls, kw in [(O.AdamW8bit, {}), (O.LAMB, {}), (O.Lion8bit, {}), (O.AdamW, dict(percentile_clipping=95))]:
-        p = torch.nn.Parameter(torch.randn(70_001, generator=torch.Generator().manual_seed(11)) * 0.1)
-        opt = cls([p], min_8bit_size=0, **kw)
+    for cls, kw, dtype in [(O.AdamW8bit, dict(min_8bit_size=0), torch.float32), (O.LAMB, {}, torch.float32),
+                           (O.Lion8bit, dict(min_8bit_size=0), torch.float32),
+                           (O.AdamW, dict(percentile_clipping=95), torch.float32), (O.AdamW4bit, {}, torch.float32),
+                           (O.AdamW8bit, dict(min_8bit_size=0, bf16_stochastic_round=True), torch.bfloat16)]:
+        torch.manual_seed(0)  # the stochastic-rounding seed is drawn from torch's generator
+        p = torch.nn.Parameter((torch.randn(70_001, generator=torch.Generator().manual_seed(11)) * 0.1).to(dtype))
+        opt = cls([p], **kw)
         for i in range(3):
-            p.grad = torch.randn(70_001, generator=torch.Generator().manual_seed(20 + i)) * 0.01
+            p.grad = (torch.randn(70_001, generator=torch.Generator().manual_seed(20 + i)) * 0.01).to(dtype)
             opt.step()
         outs += [p.detach().clone()] + [v.clone() for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
     return outs
@@ -320,7 +324,7 @@ def _optimizer_outputs():
 @pytest.mark.parametrize("outputs", [_quantization_outputs, _optimizer_outputs], ids=["quantization", "optimizers"])
 def test_same_bits_at_every_thread_count_and_cpu_level(outputs):
     """numerics.md, reproducibility: quantization, dequantization, the 4-bit matmul (fused and tiled) and optimizer
-    steps (trust ratios and percentile clipping included) give the same bits with 1, 2 or 3 threads and at every
+    steps (8-bit, 4-bit and 32-bit state; trust ratios, percentile clipping, stochastic rounding) give the same bits with 1, 2 or 3 threads and at every
     CPU kernel level."""
     threads = torch.get_num_threads()
     want = outputs()
