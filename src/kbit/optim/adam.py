@@ -32,8 +32,8 @@ from .variants import Variant, reject_amsgrad
 
 class Adam(Variant, Optimizer2State):
     """Adam. Args: ``params``, ``lr``, ``betas``, ``eps``, ``weight_decay`` (decoupled), ``amsgrad`` (must be
-    False), ``optim_bits`` (32 or 8), ``args``, ``min_8bit_size``, ``percentile_clipping``, ``block_wise``,
-    ``is_paged`` — see :class:`~kbit.optim.optimizer.Optimizer2State`."""
+    False), ``optim_bits`` (32, 8 or 4), ``args``, ``min_8bit_size``, ``percentile_clipping``, ``block_wise``,
+    ``is_paged``, ``bf16_stochastic_round`` — see :class:`~kbit.optim.optimizer.Optimizer2State`."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, optim_bits=32,
                  args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True, is_paged=False,
