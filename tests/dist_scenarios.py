@@ -60,6 +60,38 @@ class _Model(torch.nn.Module):
         return self.l4(x)
 
 
+class _QLoRA(torch.nn.Module):
+    """A frozen 4-bit (NF4) base layer with a trainable low-rank adapter, and a float head."""
+
+    def __init__(self):
+        super().__init__()
+        import kbit.nn
+
+        self.base = kbit.nn.Linear4bit(32, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        self.base.weight.requires_grad_(False)
+        self.lora_a = torch.nn.Linear(32, 8, bias=False)
+        self.lora_b = torch.nn.Linear(8, 64, bias=False)
+        self.head = torch.nn.Linear(64, 1)
+        self.base(torch.zeros(1, 32))  # quantize now (Linear4bit quantizes on first use)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.base(x) + self.lora_b(self.lora_a(x))))
+
+
+def make_qlora_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return _QLoRA()
+
+
+def fsdp_wrap_qlora(model):
+    """FSDP2 shards the adapters and the head; the 4-bit base weight is left out (ignored_params): it stays a
+    Params4bit, replicated on every rank (docs/distributed.md says why it cannot be sharded yet)."""
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model, ignored_params={model.base.weight})
+    return model
+
+
 def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 * step + rank)
     return torch.randn(BATCH, 32, generator=g), torch.randn(BATCH, 1, generator=g)
@@ -139,6 +171,12 @@ def train_all(rank: int, world_size: int, outdir: str) -> None:
         _train(model2, opt2, rank, range(SAVE_AT, STEPS))
         results[f"dcp/{name}/resumed"] = _full_params(model2)
 
+    # QLoRA: frozen 4-bit base (replicated), adapters sharded, 8-bit AdamW on the trainable parameters.
+    model = fsdp_wrap_qlora(make_qlora_model())
+    _train(model, O.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=LR), rank, range(STEPS))
+    results["fsdp/qlora"] = _full_params(model)
+    results["qlora_base_type"] = type(model.base.weight).__name__
+
     # Paged state under FSDP2: each rank's shard state in its own files (a lower paging threshold, as the
     # model is small), trained exactly like the unpaged FSDP2 run.
     from kbit.optim import paged
@@ -162,15 +200,16 @@ def reference_run(make_opt, world_size: int, steps: range, model=None, opt=None)
     """One process, the union of the ranks' batches: each step's gradient is the mean of the per-rank
     gradients (as DDP's all-reduce computes it), then one optimizer step. Returns (model, optimizer)."""
     model = model if model is not None else make_model()
-    opt = opt if opt is not None else make_opt(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = opt if opt is not None else make_opt(params)
     for i in steps:
         total = None
         for r in range(world_size):
             model.zero_grad(set_to_none=True)
             loss_fn(model, *batch(i, r)).backward()
-            g = [p.grad.clone() for p in model.parameters()]
+            g = [p.grad.clone() for p in params]
             total = g if total is None else [a + b for a, b in zip(total, g)]
-        for p, g in zip(model.parameters(), total):
+        for p, g in zip(params, total):
             p.grad = g / world_size
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -70,7 +70,7 @@ def reference():
 def test_every_rank_ends_identical(runs):
     _, ranks = runs
     for key, params in ranks[0].items():
-        if isinstance(params, dict) and key != "paged_files":
+        if isinstance(params, dict) and key not in ("paged_files",):
             for n, p in params.items():
                 assert_bitwise_equal(ranks[1][key][n], p, f"{key} {n}: rank 1 vs rank 0")
 
@@ -157,6 +157,20 @@ def test_fsdp2_lamb8bit_within_quantization_noise(runs, reference):
     for n, p in ranks[0]["fsdp/lamb8bit"].items():
         _assert_within_noise(p, reference["lamb8bit"][n], start[n], f"FSDP2 vs DDP LAMB8bit {n}",
                              fraction=TENSORWISE_NOISE_FRACTION)
+
+
+def test_qlora_under_fsdp2_with_a_replicated_4bit_base(runs):
+    """QLoRA under FSDP2: the frozen 4-bit base weight is left out of sharding (ignored_params) and stays a
+    Params4bit on every rank; the adapters and the head are sharded and trained by AdamW8bit. Their state is
+    32-bit (below min_8bit_size) and the gradients are the per-rank mean, so one process gets the same bits."""
+    _, ranks = runs
+    assert ranks[0]["qlora_base_type"] == "Params4bit"
+    model = S.make_qlora_model()
+    S.reference_run(lambda ps: O.AdamW8bit(ps, lr=S.LR), WORLD, range(S.STEPS), model=model)
+    expected = {n: p for n, p in model.named_parameters()}
+    for n, p in ranks[0]["fsdp/qlora"].items():
+        assert_bitwise_equal(p, expected[n].detach(), f"QLoRA {n}")
+    assert not torch.equal(ranks[0]["fsdp/qlora"]["lora_a.weight"], S.make_qlora_model().lora_a.weight.detach())
 
 
 def test_fsdp2_paged_state_lives_in_files_and_trains_identically(runs):
