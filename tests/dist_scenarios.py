@@ -171,6 +171,24 @@ def train_all(rank: int, world_size: int, outdir: str) -> None:
         _train(model2, opt2, rank, range(SAVE_AT, STEPS))
         results[f"dcp/{name}/resumed"] = _full_params(model2)
 
+    # 1 -> 2 shards: a single-process checkpoint (computed identically on every rank) converted with
+    # reshard_optimizer_state and loaded as a full state dict onto FSDP2.
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    from kbit.optim.distributed import reshard_optimizer_state
+
+    one_model, one_opt = reference_run(OPTIMIZERS["adamw8bit"], world_size, range(SAVE_AT))
+    msd1, osd1 = get_state_dict(one_model, one_opt)
+    shapes = {n: tuple(p.shape) for n, p in one_model.named_parameters()}
+    converted = reshard_optimizer_state(osd1, shapes, from_shards=1, to_shards=world_size)
+    results["reshard_1_to_2_report"] = converted.pop("__reshard__")
+    model = fsdp_wrap(make_model())
+    opt = OPTIMIZERS["adamw8bit"](model.parameters())
+    set_state_dict(model, opt, model_state_dict=msd1, optim_state_dict=converted,
+                   options=StateDictOptions(full_state_dict=True))
+    _train(model, opt, rank, range(SAVE_AT, STEPS))
+    results["fsdp/adamw8bit_from_1_rank"] = _full_params(model)
+
     # QLoRA: frozen 4-bit base (replicated), adapters sharded, 8-bit AdamW on the trainable parameters.
     model = fsdp_wrap_qlora(make_qlora_model())
     _train(model, O.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=LR), rank, range(STEPS))

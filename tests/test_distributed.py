@@ -70,7 +70,7 @@ def reference():
 def test_every_rank_ends_identical(runs):
     _, ranks = runs
     for key, params in ranks[0].items():
-        if isinstance(params, dict) and key not in ("paged_files",):
+        if isinstance(params, dict) and key not in ("paged_files", "reshard_1_to_2_report"):
             for n, p in params.items():
                 assert_bitwise_equal(ranks[1][key][n], p, f"{key} {n}: rank 1 vs rank 0")
 
@@ -242,6 +242,17 @@ def test_dcp_2_ranks_to_1_with_reshard(runs, tmp_path):
             assert_bitwise_equal(p.detach(), two_ranks[n], f"resumed on 1 rank, {n}")
         else:
             _assert_within_noise(p.detach(), two_ranks[n], full["model"][n], f"resumed on 1 rank, {n}")
+
+
+def test_dcp_1_rank_to_2_with_reshard(runs, reference):
+    """1 -> 2: a single-process state converted by reshard_optimizer_state and loaded with
+    set_state_dict(full_state_dict=True) onto FSDP2 continues within quantization noise of the one-process
+    run. Going to 2 shards, l1 (shards of 4096) and l2 (rows of 256) keep their blocks; l3 is requantized."""
+    _, ranks = runs
+    assert ranks[0]["reshard_1_to_2_report"] == {"exact": ["l1.weight", "l2.weight"], "requantized": ["l3.weight"]}
+    start = dict(S.make_model().named_parameters())
+    for n, p in ranks[0]["fsdp/adamw8bit_from_1_rank"].items():
+        _assert_within_noise(p, reference["adamw8bit"][n], start[n], f"1 -> 2 ranks, {n}")
 
 
 def test_reshard_requantizes_within_half_a_step():

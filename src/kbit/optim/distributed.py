@@ -26,6 +26,7 @@ Rules that need whole-parameter norms get them by all-reducing over the shard gr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -156,7 +157,7 @@ def launch_trust_ratio(family, key: tuple, items: list) -> None:
     # Pass 1 on copies: the shard's update norm, nothing clipped.
     copies = {k: (v.clone() if isinstance(v, torch.Tensor) and not k.startswith("qmap") else v) for k, v in state.items()}
     copies["unorm_vec"] = torch.zeros(1, dtype=torch.float32, device=item.p.device)
-    dry = families.Item(item.p.clone(), item.grad, copies, item.lr, item.step, item.gnorm_scale)
+    dry = dataclasses.replace(item, p=item.p.clone(), state=copies)
     unclipped = list(hyper)
     unclipped[at] = _UNCLIPPED_MAX_UNORM
     families.launch(family, _with(inner, tuple(unclipped)), [dry])
@@ -177,11 +178,9 @@ def launch_trust_ratio(family, key: tuple, items: list) -> None:
             real[at] = (ratio * u_local - trust_eps) / p_local
         else:
             lr = lr * ratio
-    step_item = families.Item(item.p, item.grad, state, lr, item.step, item.gnorm_scale)
-    if real[at] > 0.0:
-        state = dict(state)
-        state["unorm_vec"] = torch.zeros(1, dtype=torch.float32, device=item.p.device)
-        step_item.state = state
+    if real[at] > 0.0:  # the kernel writes the shard's norm; unorm_vec gets the global one below
+        state = dict(state, unorm_vec=torch.zeros(1, dtype=torch.float32, device=item.p.device))
+    step_item = dataclasses.replace(item, lr=lr, state=state)
     families.launch(family, _with(inner, tuple(real)), [step_item])
     full_state = item.full_state
     if "unorm_vec" in full_state:
@@ -365,6 +364,9 @@ def _reshard_scales(st: dict, shape: tuple, from_shards: int, to_shards: int, bl
         bs = blocksize if akey.startswith("absmax") else None
         codes, scales, qmap = st[skey], st[akey], st[f"qmap{j}"]
         rows = codes.shape[0] if codes.dim() == len(shape) + 1 else 1
+        if codes.numel() != rows * n:
+            raise ValueError(f"reshard_optimizer_state handles 8-bit states (one code per element); {skey} has "
+                             f"{codes.numel()} bytes for {rows * n} elements (4-bit packed states are not supported)")
         flat_codes = codes.reshape(rows, n)
         old_scales = scales.reshape(rows, -1)
         old, _ = _blocks(shape, from_shards, bs)
