@@ -301,3 +301,16 @@ def test_docs_program_runs(tmp_path):
     script.write_text(match.group(1))
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+
+
+def test_trust_ratio_fields_match_the_families_hyper_tuples():
+    """launch_trust_ratio finds max_unorm and trust_eps by position in a family's hyper tuple: pin them."""
+    from kbit.optim import families
+
+    config = {"betas": (0.5, 0.25), "eps": 1e-3, "weight_decay": 0.125, "max_unorm": 7.0, "skip_zeros": False}
+    for family in (families.ADAM, families.MOMENTUM, families.RMSPROP):
+        at, eps_at = kdist._TRUST_FIELDS[family.op]
+        hyper = family.hyper(config)
+        assert hyper[at] == 7.0, family.op
+        if eps_at is not None:
+            assert hyper[eps_at] == 1e-3, family.op
