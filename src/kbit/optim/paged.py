@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import itertools
 import mmap
 import os
 import shutil
@@ -53,7 +52,6 @@ _MS_SYNC = 4
 _lock = threading.Lock()
 _configured_dir: str | None = None
 _temp_dir: str | None = None
-_counter = itertools.count()
 _tmpfs_warned: set[str] = set()
 
 
@@ -111,17 +109,21 @@ def _mapped_files() -> dict[int, str]:
 
 
 def empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized CPU tensor in a new memory-mapped file (reads as zeros: the file is sparse)."""
+    """A CPU tensor in a new memory-mapped file; it reads as zeros (a new sparse file)."""
     directory = get_paged_state_dir()
     _warn_if_tmpfs(directory)
     numel = 1
     for s in shape:
         numel *= int(s)
-    path = os.path.join(directory, f"kbit-state-{os.getpid()}-{next(_counter)}.bin")
-    # from_file creates the file and sizes it (ftruncate: sparse, no disk blocks until written). A size of 0
-    # cannot be mapped, so an empty state gets one element it never uses.
-    t = torch.from_file(path, shared=True, size=max(numel, 1), dtype=dtype)
-    os.unlink(path)  # Note [unlinked state files]
+    # A new, empty, uniquely named file (O_EXCL): never a stale one whose bytes would become the state.
+    fd, path = tempfile.mkstemp(dir=directory, prefix=f"kbit-state-{os.getpid()}-", suffix=".bin")
+    os.close(fd)
+    # from_file sizes the file (ftruncate: sparse, no disk blocks until written; reads as zeros). A size
+    # of 0 cannot be mapped, so an empty state gets one element it never uses.
+    try:
+        t = torch.from_file(path, shared=True, size=max(numel, 1), dtype=dtype)
+    finally:
+        os.unlink(path)  # Note [unlinked state files]
     return t[:numel].view(shape)
 
 
