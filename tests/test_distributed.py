@@ -214,11 +214,17 @@ def test_dcp_2_ranks_to_1_with_reshard(runs, tmp_path):
     opt = S.OPTIMIZERS["adamw8bit"](model.parameters())
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
 
-    # Without the conversion the sharded scales do not fit: a clear error, nothing loaded.
-    with pytest.raises(ValueError, match="absmax"):
+    # Without the conversion the sharded scales do not fit: a clear error naming the fix, nothing loaded. l1's
+    # padded scales (2 x 16) even have the length one shard needs (32): the recorded shard layout catches it.
+    with pytest.raises(ValueError, match="l1.weight.*written for 2 shards.*reshard_optimizer_state"):
         set_state_dict(model, opt, model_state_dict=full["model"], optim_state_dict=full["optim"])
+    assert all(st["step"] == 1 for st in opt.state.values())  # set_state_dict's zero-gradient init, not the checkpoint
 
     converted = kdist.reshard_optimizer_state(full["optim"], shapes, from_shards=WORLD, to_shards=1)
+    inferred = kdist.reshard_optimizer_state(full["optim"], shapes, to_shards=1)  # from the recorded layout
+    assert inferred["__reshard__"] == converted["__reshard__"]
+    with pytest.raises(ValueError, match="written for 2 shards, not from_shards=3"):
+        kdist.reshard_optimizer_state(full["optim"], shapes, from_shards=3, to_shards=1)
     report = converted.pop("__reshard__")
     assert report == {"exact": ["l1.weight", "l2.weight"], "requantized": ["l3.weight"]}
     model = S.make_model()

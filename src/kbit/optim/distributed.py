@@ -43,6 +43,10 @@ except ImportError:  # pragma: no cover
     dist = None
     DTensor = None
 
+#: State key recording the scale layout of a sharded 8-bit state: int64 [shards, scales per shard]. Saved
+#: with the state (DCP), so a checkpoint of another layout is refused on load even where the padded scale
+#: vectors happen to have the same length (only states of sharded parameters carry it).
+LAYOUT_KEY = "shard_layout"
 #: Keys holding one scale per block (or per tensor) of a state: laid out per shard (Note [sharded state]).
 SCALE_KEYS = ("absmax1", "absmax2", "max1", "max2", "new_max1", "new_max2")
 ELEMENT_KEYS = ("state1", "state2")
@@ -80,6 +84,32 @@ def padded_scales(p, key: str, blocksize: int) -> int:
     if key.startswith("absmax"):
         return -(-_max_local_numel(p) // blocksize)
     return 1
+
+
+def _layout_of(p, st: dict) -> list[int]:
+    key = "absmax1" if "absmax1" in st else "max1"
+    return [_num_shards(p), padded_scales(p, key, OPTIMIZER_BLOCKSIZE_8BIT)]
+
+
+def check_layout(p, st: dict) -> str | None:
+    """Why a loaded state's shard layout does not fit ``p`` (None if it does, or if it has no 8-bit scales)."""
+    saved = st.get(LAYOUT_KEY)
+    has_scales = "absmax1" in st or "max1" in st
+    fix = "convert it with kbit.optim.distributed.reshard_optimizer_state (docs/distributed.md)"
+    if not is_sharded(p):
+        if saved is not None and has_scales:
+            return (f"the state was written for {int(saved[0])} shards (FSDP2) and this parameter is not sharded: "
+                    + fix)
+        return None
+    if not has_scales:
+        return None
+    if saved is None:
+        return f"8-bit state of a sharded parameter lacks {LAYOUT_KEY!r} (not written for this sharding): " + fix
+    current = _layout_of(p, st)
+    if [int(x) for x in saved.reshape(-1).tolist()] != current:
+        return (f"the state was written for {int(saved[0])} shards of {int(saved[1])} scales, this sharding has "
+                f"{current[0]} of {current[1]}: " + fix)
+    return None
 
 
 def check_scales(p, st: dict, j: int, rows: int) -> str | None:
@@ -200,6 +230,8 @@ def wrap_state(state: dict, p, blocksize: int, zeros) -> None:
             state[key] = DTensor.from_local(t, mesh, pl, run_check=False, shape=torch.Size(shape),
                                             stride=_contiguous_stride(shape))
     shards = _num_shards(p)
+    if any(key in state for key in SCALE_KEYS):
+        state[LAYOUT_KEY] = torch.tensor(_layout_of(p, state), dtype=torch.int64)
     for key in SCALE_KEYS:
         if key in state:
             t = state[key]
@@ -251,23 +283,26 @@ def sq_norm(grad: torch.Tensor) -> float:
 
 
 # ---- checkpoints across shard counts ----------------------------------------------------------------------
-def reshard_optimizer_state(state_dict: dict, param_shapes: dict[Any, tuple], from_shards: int, to_shards: int,
-                            blocksize: int = OPTIMIZER_BLOCKSIZE_8BIT) -> dict[str, Any]:
+def reshard_optimizer_state(state_dict: dict, param_shapes: dict[Any, tuple], from_shards: int | None = None,
+                            to_shards: int = 1, blocksize: int = OPTIMIZER_BLOCKSIZE_8BIT) -> dict[str, Any]:
     """Convert a *full* optimizer state dict written with ``from_shards`` shards to ``to_shards`` shards.
 
     ``state_dict`` is a kbit optimizer state dict with full (not DTensor) tensors, e.g. from
     ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save`` or ``get_state_dict(...,
     options=StateDictOptions(full_state_dict=True))``; ``param_shapes`` maps each state key (FQN or index)
     to its parameter's global shape; shards split dim 0 as FSDP2 does (``torch.chunk``). A count of 1 is
-    an unsharded parameter (DDP or no wrapper), whose scales are not padded.
+    an unsharded parameter (DDP or no wrapper), whose scales are not padded. ``from_shards`` defaults to
+    the count the state records (``shard_layout``), else 1; a given count must agree with it.
 
     Element states (state1/state2: codes or float32) are copied unchanged (exact). The 8-bit scales are
-    rebuilt for the new blocks: when every block of the new layout lies inside one old shard and starts
-    at the same offset within an old block, old scales are reused and the result is exact; otherwise each
-    state is dequantized with its old blocks and requantized with the new ones (each value then differs
-    from the saved one by at most half a quantization step of its new block). Returns a new dict and a
-    report ``{"exact": [...], "requantized": [...]}`` under ``"__reshard__"`` (pop it before loading).
+    rebuilt for the new blocks: when every block of the new layout is a block of the old one (same first
+    and last element) the old scales are reused and the result is exact; otherwise each state is
+    dequantized with its old blocks and requantized with the new ones (each value then moves by at most
+    half a step of the code map, scaled by its new block's absmax). Returns a new dict with a report
+    ``{"exact": [...], "requantized": [...]}`` under ``"__reshard__"`` (pop it before loading).
     """
+    if to_shards < 1 or (from_shards is not None and from_shards < 1):
+        raise ValueError(f"shard counts must be >= 1 (got from_shards={from_shards}, to_shards={to_shards})")
     out = dict(state_dict)
     out["state"] = {}
     report = {"exact": [], "requantized": []}
@@ -278,9 +313,18 @@ def reshard_optimizer_state(state_dict: dict, param_shapes: dict[Any, tuple], fr
         if key not in param_shapes:
             raise KeyError(f"reshard_optimizer_state: no parameter shape given for state {key!r}")
         shape = tuple(param_shapes[key])
+        saved = pst.pop(LAYOUT_KEY, None)
+        saved = inner.pop(LAYOUT_KEY, saved)
+        old = int(saved.reshape(-1)[0]) if saved is not None else 1
+        if from_shards is not None and saved is not None and from_shards != old:
+            raise ValueError(f"state {key!r} was written for {old} shards, not from_shards={from_shards}")
+        old = from_shards if from_shards is not None else old
         if "absmax1" in inner or "max1" in inner:
-            exact = _reshard_scales(inner, shape, from_shards, to_shards, blocksize)
+            exact = _reshard_scales(inner, shape, old, to_shards, blocksize)
             report["exact" if exact else "requantized"].append(key)
+            if to_shards > 1:
+                akey = "absmax1" if "absmax1" in inner else "max1"
+                pst[LAYOUT_KEY] = torch.tensor([to_shards, inner[akey].shape[-1] // to_shards], dtype=torch.int64)
         if inner_key is not None:
             pst[inner_key] = inner
         out["state"][key] = pst

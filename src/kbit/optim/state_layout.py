@@ -65,8 +65,11 @@ def validate(family: families.Family, p: torch.Tensor, st: dict, where: str) -> 
     _expect(isinstance(step, (int, float)) and float(step).is_integer() and step >= 0, where,
             f"'step' must be a non-negative integer (got {step!r})")
     n = p.numel()
-    unknown = sorted(set(st) - {"step"} - set(NON_CASTABLE_KEYS) - {k for k in st if k.startswith("_")})
+    unknown = sorted(set(st) - {"step", distributed.LAYOUT_KEY} - set(NON_CASTABLE_KEYS)
+                     - {k for k in st if k.startswith("_")})
     _expect(not unknown, where, f"unexpected keys {unknown}: not a kbit/bitsandbytes optimizer state for this optimizer")
+    problem = distributed.check_layout(p, st)  # 8-bit scales of sharded parameters (FSDP2)
+    _expect(problem is None, where, str(problem))
     for j, rows in enumerate(family.rows, start=1):
         name = f"state{j}"
         _expect(name in st and isinstance(st[name], torch.Tensor), where, f"missing tensor {name!r}")
