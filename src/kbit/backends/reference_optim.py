@@ -115,10 +115,17 @@ def _ademamix_rule(beta1, beta2, beta3, alpha, eps, decay, bc1, bc2):
     return rule
 
 
+def _sign(x: torch.Tensor) -> torch.Tensor:
+    """sign() as csrc/cpu/optim_rules.h computes it: +-1, with zeros (of either sign) and NaN passed through.
+    Not torch.sign, which maps NaN and -0.0 to +0.0: a NaN Lion state would silently freeze its parameter
+    instead of showing up as NaN (docs/numerics.md)."""
+    return torch.where(x > 0, 1.0, torch.where(x < 0, -1.0, x))
+
+
 def _lion_rule(beta1, beta2, decay):
     def rule(p, g, s):
         p = p * f32(decay)
-        u = torch.sign(s[0] * f32(beta1) + g * f32(1.0 - beta1))
+        u = _sign(s[0] * f32(beta1) + g * f32(1.0 - beta1))
         s[0] = s[0] * f32(beta2) + g * f32(1.0 - beta2)
         return p, u
 
