@@ -32,6 +32,7 @@ OPTIMIZERS = {
     "torch_adamw": lambda ps: torch.optim.AdamW(ps, lr=LR),  # the control: proves the harness
     "adamw8bit": lambda ps: O.AdamW8bit(ps, lr=LR),
     "lion8bit": lambda ps: O.Lion8bit(ps, lr=LR / 10),
+    "ademamix8bit": lambda ps: O.AdEMAMix8bit(ps, lr=LR),  # state1 holds 2 states: (2, *shape), absmax (2, B)
     "adamw32bit_clip": lambda ps: O.AdamW32bit(ps, lr=LR, percentile_clipping=5),
     # trust ratios need whole-parameter norms (Note [sharded trust ratio] in kbit/optim/distributed.py)
     "lamb": lambda ps: O.LAMB(ps, lr=LR, weight_decay=0.01),

@@ -124,7 +124,7 @@ def _assert_within_noise(actual, expected, start, what="", fraction=None):
     assert diff <= fraction * moved, f"{what}: difference {diff:.2e}, moved {moved:.2e}"
 
 
-@pytest.mark.parametrize("name", ["adamw8bit", "lion8bit"])
+@pytest.mark.parametrize("name", ["adamw8bit", "lion8bit", "ademamix8bit"])
 def test_fsdp2_8bit_trains_like_ddp_within_quantization_noise(runs, reference, name):
     _, ranks = runs
     start = dict(S.make_model().named_parameters())
