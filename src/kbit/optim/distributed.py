@@ -94,6 +94,9 @@ def _layout_of(p, st: dict) -> list[int]:
 def check_layout(p, st: dict) -> str | None:
     """Why a loaded state's shard layout does not fit ``p`` (None if it does, or if it has no 8-bit scales)."""
     saved = st.get(LAYOUT_KEY)
+    if saved is not None and not (isinstance(saved, torch.Tensor) and saved.dtype == torch.int64
+                                  and saved.numel() == 2):
+        return f"{LAYOUT_KEY} must be an int64 tensor [shards, scales per shard]"
     has_scales = "absmax1" in st or "max1" in st
     fix = "convert it with kbit.optim.distributed.reshard_optimizer_state (docs/distributed.md)"
     if not is_sharded(p):
