@@ -196,12 +196,17 @@ BY_ID = {case.id: case for case in CASES}
 assert len(BY_ID) == len(CASES), "case ids must be unique"
 
 #: Every concrete optimizer class kbit.optim exports (PytorchLARS is a plain torch optimizer).
-OPTIMIZER_CLASSES = sorted(
+#: Every concrete optimizer class kbit exports (the table must cover them, 4-bit classes excepted).
+ALL_OPTIMIZER_CLASSES = sorted(
     (getattr(O, name) for name in O.__all__
      if isinstance(getattr(O, name), type) and issubclass(getattr(O, name), O.Optimizer8bit)
      and getattr(O, name) not in (O.Optimizer8bit, O.Optimizer1State, O.Optimizer2State)),
     key=lambda c: c.__name__,
 )
+#: 4-bit classes (a kbit extension with no bitsandbytes or torch counterpart, and no 8-bit-style layout) have their
+#: own module, tests/test_optim_4bit.py, against the pure-PyTorch reference; the table's generic tests cover the rest.
+FOUR_BIT_CLASSES = [c for c in ALL_OPTIMIZER_CLASSES if getattr(c, "_FORCED_BITS", None) == 4]
+OPTIMIZER_CLASSES = [c for c in ALL_OPTIMIZER_CLASSES if c not in FOUR_BIT_CLASSES]
 
 
 # ---- helpers shared by the optimizer tests ---------------------------------------------------------------------

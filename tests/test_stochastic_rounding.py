@@ -15,7 +15,7 @@ import kbit.optim as O
 from conftest import CPU_LEVELS, assert_bitwise_equal
 from kbit.backends import reference_optim as R
 from kbit.optim.stochastic_rounding import step_seed
-from optim_cases import OPTIMIZER_CLASSES
+from optim_cases import ALL_OPTIMIZER_CLASSES
 from test_optim_numerics import MODES, OPS, TAIL_SIZES, _clone_args, _hyper, _mutable, _op_args, _op_inputs
 
 
@@ -112,7 +112,7 @@ def _run(cls, params, steps, seed=0, **kw):
     return opt
 
 
-@pytest.mark.parametrize("cls", OPTIMIZER_CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", ALL_OPTIMIZER_CLASSES, ids=lambda c: c.__name__)
 def test_every_optimizer_accepts_the_setting(cls):
     """Each class takes bf16_stochastic_round, and with it moves bf16 parameters by updates that round to
     nearest would lose (lr 1e-4 steps against an ulp of ~1/128 at |p| ~ 1)."""
