@@ -8,10 +8,12 @@ dim 0 like torch.chunk):
 - ``l3.weight`` (150, 37): shards of 2775 elements: a partial block at the end of rank 0 (not aligned).
 - ``l4.weight`` (1, 150) and every bias: too small for 8-bit (32-bit state); rank 1's shard of l4 is empty.
 
-tanh, not ReLU: a dead ReLU unit has an exactly-zero gradient, and 8-bit Adam then takes steps of about
-m / eps on it (bitsandbytes' quantizer behaviour, the same in every run), which would make the comparisons
-below measure chaos rather than sharding. Each rank trains on its own batches; the single-process reference (``reference_run``) averages the
-per-rank gradients of the same batches, which is what DDP and FSDP2 compute.
+tanh, not ReLU: with ReLU, dead units give exactly-zero gradients, and on those this model's 8-bit Adam
+runs took steps far larger than lr (a weight moved by 23 in 6 steps of lr 1e-2, identically in every run,
+distributed or not: 8-bit quantization near zero, see docs/numerics.md), which would make the comparisons
+below measure that rather than sharding. Each rank trains on its own batches; the single-process
+reference (``reference_run``) averages the per-rank gradients of the same batches, which is what DDP and
+FSDP2 compute.
 """
 
 from __future__ import annotations

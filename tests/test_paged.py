@@ -97,7 +97,8 @@ def test_state_dict_is_plain_and_loads_back_into_files(tmp_path, paged_cls, plai
     for k in sd_a["state"]:
         wa, wb = sd_a["state"][k], sd_b["state"][k]
         assert wa.keys() == wb.keys() and wa["step"] == wb["step"]
-        inner_a, inner_b = wa[O.Optimizer8bit._FSDP_WRAPPED_QUANT_STATE_KEY], wb[O.Optimizer8bit._FSDP_WRAPPED_QUANT_STATE_KEY]
+        wrapped = O.Optimizer8bit._FSDP_WRAPPED_QUANT_STATE_KEY
+        inner_a, inner_b = wa[wrapped], wb[wrapped]
         assert inner_a.keys() == inner_b.keys()
         for key in inner_a:
             assert type(inner_a[key]) is torch.Tensor
@@ -209,8 +210,9 @@ def test_resident_memory_of_paged_state_is_file_backed_and_reclaimable():
     before = first
     opt.step()
     after = _rss()
-    print(f"\nfirst paged step (state made and written): RssAnon {(first['RssAnon'] - start['RssAnon']) / 2**20:+.1f} MiB")
-    assert first["RssAnon"] - start["RssAnon"] < MAX_ANON_GROWTH_BYTES
+    first_growth = first["RssAnon"] - start["RssAnon"]
+    print(f"\nfirst paged step (state made and written): RssAnon {first_growth / 2**20:+.1f} MiB")
+    assert first_growth < MAX_ANON_GROWTH_BYTES
     files = paged.state_tensors(opt)
     assert sum(t.numel() * t.element_size() for t in files) == state_bytes
     anon_growth = after["RssAnon"] - before["RssAnon"]

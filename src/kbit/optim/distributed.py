@@ -188,7 +188,8 @@ def launch_trust_ratio(family, key: tuple, items: list) -> None:
     trust_eps = hyper[eps_at] if eps_at is not None else 0.0
     state = item.state
     # Pass 1 on copies: the shard's update norm, nothing clipped.
-    copies = {k: (v.clone() if isinstance(v, torch.Tensor) and not k.startswith("qmap") else v) for k, v in state.items()}
+    copies = {k: (v.clone() if isinstance(v, torch.Tensor) and not k.startswith("qmap") else v)
+              for k, v in state.items()}
     copies["unorm_vec"] = torch.zeros(1, dtype=torch.float32, device=item.p.device)
     dry = dataclasses.replace(item, p=item.p.clone(), state=copies)
     unclipped = list(hyper)
