@@ -198,18 +198,31 @@ struct OptimBlocks {
       uint32_t max_bits[3];
       for (int k = 0; k < Rule::kStates; ++k) {
         am[k] = t.absmax[k][b];
-        unpack_nibbles(t.codes[k] + start / 2, len, codes[k]);
+        const uint8_t* packed = t.codes[k] + start / 2;
+        int64_t j = 0;
+        for (; j + 2 * Ops::N <= len; j += 2 * Ops::N) {
+          typename Ops::I c0, c1;
+          Ops::load_nibbles(packed + j / 2, &c0, &c1);
+          Ops::store_u8(codes[k] + j, c0);
+          Ops::store_u8(codes[k] + j + Ops::N, c1);
+        }
+        unpack_nibbles(packed + j / 2, len - j, codes[k] + j);  // j is even: the tail starts on a byte
       }
       update_span<Rule, T, true>(c, t, r, start, len, code_ptr, c.code4, am, buf, max_bits);
       for (int k = 0; k < Rule::kStates; ++k) {
         const float amax = absmax_from_bits(max_bits[k]);
         t.absmax[k][b] = amax;
         const F vinv = Ops::set1(block_reciprocal(amax));
+        uint8_t* packed = t.codes[k] + start / 2;
         int64_t j = 0;
-        for (; j + Ops::N <= len; j += Ops::N)
-          Ops::store_u8(codes[k] + j, count_below(search[k], Ops::clamp_unit(Ops::mul(Ops::load(buf[k] + j), vinv))));
+        for (; j + 2 * Ops::N <= len; j += 2 * Ops::N) {
+          const auto c0 = count_below(search[k], Ops::clamp_unit(Ops::mul(Ops::load(buf[k] + j), vinv)));
+          const auto c1 = count_below(search[k], Ops::clamp_unit(Ops::mul(Ops::load(buf[k] + j + Ops::N), vinv)));
+          Ops::store_nibbles(packed + j / 2, c0, c1);
+        }
+        const int64_t tail = j;
         for (; j < len; ++j) codes[k][j] = code4_index(scale_and_clamp(buf[k][j], block_reciprocal(amax)), c.mids4[k]);
-        pack_nibbles(codes[k], len, t.codes[k] + start / 2);
+        pack_nibbles(codes[k] + tail, len - tail, packed + tail / 2);
       }
     }
   }

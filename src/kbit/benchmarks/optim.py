@@ -58,7 +58,9 @@ CASES = [
     ("torch AdamW (fused)", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), None),
     ("kbit AdamW 32-bit", lambda ps: kbit.optim.AdamW(ps, lr=1e-3), 1.0),
     ("kbit AdamW8bit", lambda ps: kbit.optim.AdamW8bit(ps, lr=1e-3), 1.0),
+    ("kbit AdamW4bit", lambda ps: kbit.optim.AdamW4bit(ps, lr=1e-3), 1.0),
     ("kbit Lion8bit", lambda ps: kbit.optim.Lion8bit(ps, lr=1e-4), 1.3),
+    ("kbit Lion4bit", lambda ps: kbit.optim.Lion4bit(ps, lr=1e-4), None),
     ("kbit Lion 32-bit", lambda ps: kbit.optim.Lion(ps, lr=1e-4), None),
     ("kbit SGD8bit (momentum)", lambda ps: kbit.optim.SGD8bit(ps, lr=1e-3, momentum=0.9), None),
 ]
