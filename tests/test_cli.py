@@ -85,7 +85,8 @@ def checkpoint(dtype=torch.float32) -> dict:
     sd = {"model.embed_tokens.weight": torch.randn(50, 64, generator=gen).to(dtype),
           "lm_head.weight": torch.randn(50, 64, generator=gen).to(dtype),
           "model.norm.weight": torch.ones(64, dtype=dtype),
-          "position_ids": torch.arange(8)}
+          "position_ids": torch.arange(8),
+          "model.unused_proj.weight": torch.empty(0, 64, dtype=dtype)}  # empty: nothing to quantize, kept
     for name, shape in LAYERS.items():
         sd[name + ".weight"] = (torch.randn(*shape, generator=gen) * 0.02).to(dtype)
         sd[name + ".bias"] = torch.randn(shape[0], generator=gen).to(dtype)
@@ -114,7 +115,8 @@ def test_quantize_file_loads_into_linear4bit(tmp_path, capsys, quant_type, doubl
     sd = read(tmp_path / "out.safetensors")
     assert sorted(os.listdir(tmp_path)) == ["in.safetensors", "out.safetensors"]  # no temporary files left
     # Embeddings, the head, norms, biases and integer tensors are kept exactly.
-    for name in ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "position_ids"]:
+    for name in ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "position_ids",
+                 "model.unused_proj.weight"]:
         assert torch.equal(sd[name], original[name]) and sd[name].dtype == original[name].dtype
     for name, (n_out, n_in) in LAYERS.items():
         assert sd[name + ".weight"].dtype == torch.uint8

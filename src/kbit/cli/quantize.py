@@ -8,7 +8,7 @@ becomes the entries a ``Linear4bit.state_dict()`` holds: ``W`` (packed codes), `
 bitsandbytes' ``Params4bit.from_prequantized`` read them directly.
 
 Which tensors are quantized (everything else is copied unchanged):
-  a floating-point, 2-D tensor whose name ends in "weight" and matches none of the skip patterns.
+  a floating-point, non-empty 2-D tensor whose name ends in "weight" and matches none of the skip patterns.
   The default skip patterns keep embeddings and the output head in float (they are lookups or
   precision-critical, and transformers never quantizes them either): {default_skip}.
   --skip adds a pattern (shell-style, matched against the whole tensor name); --no-default-skip
@@ -101,8 +101,8 @@ class Options:
 
 
 def should_quantize(name: str, shape, is_float: bool, skip) -> bool:
-    """The rule in the module docstring."""
-    return (is_float and len(shape) == 2 and name.endswith("weight")
+    """The rule in the module docstring (an empty tensor has nothing to quantize and is kept)."""
+    return (is_float and len(shape) == 2 and shape[0] * shape[1] > 0 and name.endswith("weight")
             and not any(fnmatch.fnmatchcase(name, pattern) for pattern in skip))
 
 
@@ -283,7 +283,7 @@ def convert_file(src: Path, dst: Path, opts: Options, summary: Summary, bar) -> 
                     written[name + suffix] = t.numel() * t.element_size()
                 summary.quantized += 1
             else:
-                if tensor.is_floating_point() and tensor.dim() == 2 and name.endswith("weight"):
+                if should_quantize(name, tensor.shape, tensor.is_floating_point(), ()):  # kept by a pattern
                     summary.skipped_weights.append(name)
                 writer.add(name, tensor)
                 written[name] = tensor.numel() * tensor.element_size()
@@ -421,7 +421,7 @@ def run(args: argparse.Namespace) -> int:
     if summary.skipped_weights:
         shown = ", ".join(summary.skipped_weights[:4]) + (" ..." if len(summary.skipped_weights) > 4 else "")
         print(f"kept in float by skip patterns: {shown}")
-    ratio = summary.bytes_before / summary.bytes_after if summary.bytes_after else float("nan")
-    print(f"tensor bytes: {_mib(summary.bytes_before)} -> {_mib(summary.bytes_after)} ({ratio:.2f}x smaller)")
+    share = summary.bytes_after / summary.bytes_before if summary.bytes_before else float("nan")
+    print(f"tensor bytes: {_mib(summary.bytes_before)} -> {_mib(summary.bytes_after)} ({share:.1%} of the original)")
     print(f"wrote {dst}")
     return 0
