@@ -28,7 +28,8 @@ PY
 if [ "$#" -eq 0 ]; then
   set -- tests/test_quantize_4bit.py tests/test_quantize_8bit.py tests/test_linear4bit.py \
     tests/test_embedding_kbit.py tests/test_ops.py tests/test_fuzz_quantize.py tests/test_optim_numerics.py \
-    tests/test_optim_state_dict.py tests/test_fuzz_ops.py tests/test_validation.py tests/test_untrusted_checkpoints.py -q
+    tests/test_optim_state_dict.py tests/test_fuzz_ops.py tests/test_validation.py tests/test_untrusted_checkpoints.py \
+    tests/test_optim_4bit.py tests/test_stochastic_rounding.py -q
 fi
 LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)" \
 ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
