@@ -79,6 +79,13 @@ _NO_SKIP_ZEROS = ("ademamix",)
 FOUR_BIT_RULES = ("adam", "lion", "momentum")
 
 
+def check_bits(name: str, optim_bits: int) -> None:
+    """At construction: 4-bit states exist only for FOUR_BIT_RULES (``args`` objects are checked at step)."""
+    if optim_bits == 4 and name not in FOUR_BIT_RULES:
+        raise ValueError(f"optim_bits=4 is implemented for Adam/AdamW, Lion and SGD with momentum, not {name}; "
+                         "use optim_bits=8")
+
+
 def check_supported(name: str, config: dict) -> None:
     """Reject settings a rule does not implement instead of ignoring them."""
     if config["optim_bits"] == 4:

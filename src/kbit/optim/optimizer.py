@@ -413,6 +413,7 @@ class Optimizer2State(Optimizer8bit):
         betas = _parse_betas(betas)
         _check_hyperparameters(lr, eps, betas, weight_decay)
         families.check_name(optimizer_name, states=2)
+        families.check_bits(optimizer_name, optim_bits)
         families.check_betas(optimizer_name, betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha, t_alpha=t_alpha,
                         t_beta3=t_beta3, **stochastic_rounding.group_defaults(bf16_stochastic_round))
@@ -434,6 +435,7 @@ class Optimizer1State(Optimizer8bit):
         betas = _parse_betas(betas)
         _check_hyperparameters(lr, eps, betas, weight_decay, optimizer_name)
         families.check_name(optimizer_name, states=1)
+        families.check_bits(optimizer_name, optim_bits)
         families.check_betas(optimizer_name, betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         **stochastic_rounding.group_defaults(bf16_stochastic_round))
