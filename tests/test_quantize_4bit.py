@@ -258,3 +258,14 @@ def test_default_quant_type_is_fp4(rng):
     # bitsandbytes' default; a silent switch to nf4 would change every byte.
     packed, state = F.quantize_4bit(torch.randn(64, generator=rng))
     assert state.quant_type == "fp4" and state.blocksize == 64
+
+
+@pytest.mark.parametrize("quantize", [
+    lambda t: F.quantize_4bit(t, compress_statistics=True),
+    lambda t: F.quantize_blockwise(t.reshape(-1), nested=True),
+], ids=["4bit", "blockwise"])
+def test_double_quantization_of_an_empty_tensor_has_a_zero_offset(quantize):
+    """The mean absmax of no blocks is NaN; the offset must be 0 so the QuantState (and a checkpoint of a
+    zero-sized layer) stays valid."""
+    _, state = quantize(torch.zeros(0, 64))
+    assert float(state.offset) == 0.0

@@ -59,6 +59,12 @@ DEFAULT_BLOCKSIZE_8BIT = 4096
 name2qmap: dict[str, torch.Tensor] = {"dynamic": create_dynamic_map()}
 
 
+def _nested_offset(absmax: torch.Tensor) -> torch.Tensor:
+    """Double quantization subtracts the mean absmax; an empty tensor has no blocks, so its offset is 0 (the
+    mean of nothing is NaN, which loaders rightly reject)."""
+    return absmax.mean() if absmax.numel() else absmax.new_zeros(())
+
+
 def _dynamic_map(device: torch.device) -> torch.Tensor:
     code = name2qmap["dynamic"]
     return code if code.device == device else code.to(device)
@@ -102,7 +108,7 @@ def quantize_blockwise(
     code = _dynamic_map(A.device) if code is None else code
     codes, _absmax = torch.ops.kbit.quantize_blockwise(A, code, blocksize)
     if nested:
-        offset = _absmax.mean()
+        offset = _nested_offset(_absmax)
         qabsmax, state2 = quantize_blockwise(_absmax - offset, blocksize=blocksize, nested=False)
         state = QuantState(absmax=qabsmax, code=code.clone(), blocksize=blocksize, dtype=A.dtype, offset=offset,
                            state2=state2)
@@ -182,7 +188,7 @@ def quantize_4bit(
     packed, _absmax = torch.ops.kbit.quantize_4bit(A, blocksize, quant_type, quant_storage)
     code = get_4bit_type(quant_type, device=A.device)
     if compress_statistics:
-        offset = _absmax.mean()
+        offset = _nested_offset(_absmax)
         qabsmax, state2 = quantize_blockwise(_absmax - offset, blocksize=NESTED_BLOCKSIZE_4BIT)
         state = QuantState(absmax=qabsmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, code=code,
                            quant_type=quant_type, offset=offset, state2=state2)
