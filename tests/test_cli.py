@@ -345,6 +345,7 @@ def test_bench_quick_runs_every_benchmark_at_a_tiny_size(capsys):
     assert "| quantize_4bit (NF4, bs 64, double quant)" in out  # the quantize table
     assert "| kbit AdamW8bit" in out and "speedup vs torch AdamW" in out  # the optimizer table
     assert "| 128->128 | bfloat16 | 1" in out and "| 128->125 |" in out  # Linear4bit, sizes scaled from 4096
+    assert "## training" in out and "| kbit AdamW4bit" in out and "stochastic rounding" in out  # quality runs
 
 
 def test_bench_only_and_argument_mapping(capsys):
@@ -354,6 +355,7 @@ def test_bench_only_and_argument_mapping(capsys):
     assert benchmark_argv("optim", quick=False, size=64, repeats=3) == ["--params", str(12 * 64 * 64), "--tensors",
                                                                         "12", "--repeats", "3"]
     assert benchmark_argv("linear4bit", quick=False, size=None, repeats=None) == []
+    assert benchmark_argv("training", quick=True, size=64, repeats=3) == ["--model", "tiny", "--steps", "20"]
     assert main(["bench", "--only", "quantize", "--size", "64", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "## quantize" in out and "## optim" not in out and "## linear4bit" not in out
@@ -366,3 +368,10 @@ def test_benchmark_scripts_still_run_from_the_repository(script):
     result = subprocess.run([sys.executable, os.path.join(root, "benchmarks", script), "--help"],
                             capture_output=True, text=True)
     assert result.returncode == 0 and "--repeats" in result.stdout, result.stderr
+
+
+def test_training_benchmark_script_runs_from_the_repository():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_training.py"), "--help"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "--steps" in result.stdout, result.stderr

@@ -14,9 +14,9 @@ import argparse
 import time
 from typing import Optional
 
-HELP = "run the benchmarks (quantize, optim, linear4bit) and print their ratio tables"
+HELP = "run the benchmarks (quantize, optim, linear4bit, training) and print their ratio tables"
 
-NAMES = ("quantize", "optim", "linear4bit")
+NAMES = ("quantize", "optim", "linear4bit", "training")
 QUICK_SIZE = 1024
 QUICK_REPEATS = 5
 QUICK_OPTIM_TENSORS = 4
@@ -46,6 +46,8 @@ def benchmark_argv(name: str, *, quick: bool, size: Optional[int], repeats: Opti
     size = size or (QUICK_SIZE if quick else None)
     repeats = repeats or (QUICK_REPEATS if quick else None)
     argv = []
+    if name == "training":  # losses of a training run: no size or repeats; --quick trains the tiny model briefly
+        return ["--model", "tiny", "--steps", "20"] if quick else []
     if name == "optim":
         if size is not None:
             tensors = QUICK_OPTIM_TENSORS if quick else 12
