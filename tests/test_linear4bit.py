@@ -230,3 +230,15 @@ def test_bad_input():
         kbit.matmul_4bit(torch.randn(2, 64), q.weight, None)
     with pytest.raises(TypeError, match="unexpected keyword"):
         Params4bit(torch.randn(4, 4), bogus=1)
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "float", "double"])
+def test_module_dtype_casts_keep_the_packed_weight(storage, cast):
+    """nn.Module.half() and friends call Tensor.half() on each floating-point parameter, bypassing .to(): a packed
+    weight stored as float16/bfloat16/float32 bytes must come through unchanged."""
+    layer = kbit.nn.LinearNF4(64, 32, quant_storage=storage).to("cpu")
+    packed = layer.weight.detach().clone()
+    getattr(layer, cast)()
+    assert layer.weight.dtype == storage
+    assert torch.equal(layer.weight.detach().view(torch.uint8), packed.view(torch.uint8))

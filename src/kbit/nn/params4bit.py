@@ -108,6 +108,20 @@ class Params4bit(torch.nn.Parameter):
         return Params4bit(self.data.to(device, non_blocking=non_blocking), self.requires_grad, module=self.module,
                           **self._attributes())
 
+    # nn.Module.half() / .float() / .bfloat16() / .double() call these on every floating-point parameter;
+    # a packed weight whose quant_storage is a float dtype must not be converted (it holds bytes, not values).
+    def half(self, memory_format=torch.preserve_format):
+        return self.to(torch.float16)
+
+    def float(self, memory_format=torch.preserve_format):
+        return self.to(torch.float32)
+
+    def bfloat16(self, memory_format=torch.preserve_format):
+        return self.to(torch.bfloat16)
+
+    def double(self, memory_format=torch.preserve_format):
+        return self.to(torch.float64)
+
     def cpu(self):
         return self.to("cpu")
 
