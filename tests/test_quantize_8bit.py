@@ -276,3 +276,14 @@ def test_input_requiring_grad(cpu_level, rng):
     A = torch.randn(300, generator=rng, requires_grad=True)
     codes, state = F.quantize_blockwise(A, blocksize=64)
     assert_bitwise_equal(codes, F.quantize_blockwise(A.detach(), blocksize=64)[0], "codes")
+
+
+def test_dequantize_blockwise_nested_flag_must_agree_with_the_state():
+    A = torch.randn(1000)
+    q, state = F.quantize_blockwise(A)
+    with pytest.raises(ValueError, match="nested=True"):
+        F.dequantize_blockwise(q, state, nested=True)
+    with pytest.raises(ValueError, match="nested=True"):
+        F.dequantize_blockwise(q, absmax=state.absmax, nested=True)
+    qn, nested_state = F.quantize_blockwise(A, nested=True)
+    assert torch.equal(F.dequantize_blockwise(qn, nested_state, nested=True), F.dequantize_blockwise(qn, nested_state))

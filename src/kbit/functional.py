@@ -139,8 +139,14 @@ def dequantize_blockwise(
     nested: bool = False,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise`: ``code[A[k]] * absmax[k // blocksize]`` in float32, returned in
-    the state's dtype (float32 when only ``absmax`` is given) and A's shape."""
+    the state's dtype (float32 when only ``absmax`` is given) and A's shape.
+
+    Whether the absmax is itself quantized (double quantization) is read from ``quant_state``;
+    ``nested`` exists for bitsandbytes' signature and must agree with it (bitsandbytes ignores it)."""
     _checks.codes_8bit(A)
+    if nested and (quant_state is None or not quant_state.nested):
+        raise ValueError("nested=True needs the quant_state of a nested quantize_blockwise(..., nested=True); a plain "
+                         "absmax is not double-quantized (leave nested=False)")
     if quant_state is None:
         if absmax is None:
             raise ValueError("dequantize_blockwise requires either quant_state or absmax")
