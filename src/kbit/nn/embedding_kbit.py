@@ -18,10 +18,11 @@ from .weight4bit import LoadGuard, Weight4bitMixin
 
 
 class Embedding4bit(Weight4bitMixin, torch.nn.Embedding):
-    """nn.Embedding with a frozen NF4/FP4 table (blocksize 64, no double quantization, as bitsandbytes).
+    """nn.Embedding with a frozen NF4/FP4 table (no double quantization, as bitsandbytes).
 
     Args: num_embeddings, embedding_dim; dtype of the output (default: the float weight's dtype);
-    quant_type ``"fp4"`` or ``"nf4"``; quant_storage; device.
+    quant_type ``"fp4"`` or ``"nf4"``; quant_storage; device; blocksize (default 64, bitsandbytes' value;
+    when ``embedding_dim`` is a multiple of it, a lookup dequantizes only the rows it reads).
     """
 
     def __init__(self, num_embeddings, embedding_dim, dtype=None, quant_type="fp4", quant_storage=torch.uint8,
@@ -56,15 +57,15 @@ class Embedding4bit(Weight4bitMixin, torch.nn.Embedding):
 class EmbeddingFP4(Embedding4bit):
     """:class:`Embedding4bit` with ``quant_type="fp4"``."""
 
-    def __init__(self, num_embeddings, embedding_dim, dtype=None, quant_storage=torch.uint8, device=None):
-        super().__init__(num_embeddings, embedding_dim, dtype, "fp4", quant_storage, device)
+    def __init__(self, num_embeddings, embedding_dim, dtype=None, quant_storage=torch.uint8, device=None, blocksize=64):
+        super().__init__(num_embeddings, embedding_dim, dtype, "fp4", quant_storage, device, blocksize)
 
 
 class EmbeddingNF4(Embedding4bit):
     """:class:`Embedding4bit` with ``quant_type="nf4"``."""
 
-    def __init__(self, num_embeddings, embedding_dim, dtype=None, quant_storage=torch.uint8, device=None):
-        super().__init__(num_embeddings, embedding_dim, dtype, "nf4", quant_storage, device)
+    def __init__(self, num_embeddings, embedding_dim, dtype=None, quant_storage=torch.uint8, device=None, blocksize=64):
+        super().__init__(num_embeddings, embedding_dim, dtype, "nf4", quant_storage, device, blocksize)
 
 
 class Embedding8bit(torch.nn.Embedding):
