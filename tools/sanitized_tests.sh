@@ -15,7 +15,11 @@ mkdir -p "$build/cmake"
 cmake -S "$root" -B "$build/cmake" -DKBIT_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -Dnanobind_DIR="$(python -c 'import nanobind; print(nanobind.cmake_dir())')" \
   -DPython_EXECUTABLE="$(command -v python)" > "$build/cmake.log"
-cmake --build "$build/cmake" -j 2 > "$build/build.log"
+# Compiler output (warnings from GCC's intrinsic headers included) goes to the log; shown only on failure.
+if ! cmake --build "$build/cmake" -j 2 > "$build/build.log" 2>&1; then
+  tail -n 60 "$build/build.log"
+  exit 1
+fi
 rm -rf "$build/pkg"
 mkdir -p "$build/pkg"
 cp -r "$root/src/kbit" "$build/pkg/"

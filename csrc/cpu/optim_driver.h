@@ -61,7 +61,7 @@ struct WorkItem {
 template <class Blocks, class Rule, class T>
 void run_optim_call(const OptimCall<Rule>& call, int threads) {
   const bool blockwise8 = call.eight_bit && call.blocksize > 0;
-  const auto unit = [&](const OptimTensor& t) { return blockwise8 ? call.blocksize : kChunk; };
+  const auto unit = [&](const OptimTensor&) { return blockwise8 ? call.blocksize : kChunk; };
   // Work items of roughly kItemElements elements; a tensor smaller than that is one item.
   constexpr int64_t kItemElements = 1 << 15;
   std::vector<WorkItem> items;
