@@ -90,7 +90,8 @@ struct ScalarMath {
   static F mul(F a, F b) { return a * b; }
   static F div(F a, F b) { return a / b; }
   static F sqrt(F a) { return std::sqrt(a); }
-  // sign(0) = 0 and sign(NaN) = NaN, as torch.sign.
+  // sign(+-0) = +-0 and sign(NaN) = NaN. torch.sign gives +0 for all three; passing NaN through makes a
+  // poisoned Lion state show in the parameter instead of freezing it (docs/numerics.md; the reference matches).
   static F sign(F a) { return a > 0.0f ? 1.0f : (a < 0.0f ? -1.0f : a); }
   static Mask is_zero(F a) { return a == 0.0f; }
   static F select(Mask m, F if_true, F if_false) { return m ? if_true : if_false; }
