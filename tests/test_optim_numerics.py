@@ -358,20 +358,6 @@ def test_paged_equals_plain_without_warning(paged, plain):
     _assert_same_run((a, opt_a), (b, opt_b), f"{paged.__name__} vs {plain.__name__}")
 
 
-def test_paged_warning_points_at_the_callers_step():
-    """The note that paging is CPU-only (on other devices; meta stands in for CUDA) is meant for the user
-    (optimizer.py passes a stacklevel for that): it should be attributed to the line that called step(), not
-    to a line inside kbit."""
-    p = torch.nn.Parameter(torch.zeros(10, device="meta"))
-    p.grad = torch.ones(10, device="meta")
-    opt = O.PagedAdamW([p])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        opt.step()
-    (w,) = [w for w in caught if "paged" in str(w.message)]
-    assert w.filename == __file__, f"warning attributed to {w.filename}:{w.lineno}"
-
-
 # ---- the native fused ops against the reference ops, bit for bit -------------------------------------------
 #: The style guide's tail sizes: every vector width's remainder, block boundaries (256) and chunk boundaries (4096).
 TAIL_SIZES = [1, 2, 3, 7, 15, 16, 17, 63, 255, 257, 4095, 4097]

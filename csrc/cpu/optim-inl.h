@@ -212,7 +212,8 @@ struct OptimBlocks {
       for (int k = 0; k < Rule::kStates; ++k) {
         const float amax = absmax_from_bits(max_bits[k]);
         t.absmax[k][b] = amax;
-        const F vinv = Ops::set1(block_reciprocal(amax));
+        const float inv = block_reciprocal(amax);
+        const F vinv = Ops::set1(inv);
         uint8_t* packed = t.codes[k] + start / 2;
         int64_t j = 0;
         for (; j + 2 * Ops::N <= len; j += 2 * Ops::N) {
@@ -221,7 +222,7 @@ struct OptimBlocks {
           Ops::store_nibbles(packed + j / 2, c0, c1);
         }
         const int64_t tail = j;
-        for (; j < len; ++j) codes[k][j] = code4_index(scale_and_clamp(buf[k][j], block_reciprocal(amax)), c.mids4[k]);
+        for (; j < len; ++j) codes[k][j] = code4_index(scale_and_clamp(buf[k][j], inv), c.mids4[k]);
         pack_nibbles(codes[k] + tail, len - tail, packed + tail / 2);
       }
     }

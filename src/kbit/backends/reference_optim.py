@@ -201,12 +201,9 @@ def round_bf16_stochastic(x: torch.Tensor, seed: int) -> torch.Tensor:
 
 def _write_param(p: torch.Tensor, value: torch.Tensor, sr_seed: int | None) -> None:
     """One rounding to p's dtype: to nearest even (torch's conversion), or stochastic for bfloat16."""
-    if sr_seed is None:
-        p.detach().copy_(value.reshape(p.shape))
-        return
-    if p.dtype != torch.bfloat16:
-        raise ValueError("stochastic rounding applies to bfloat16 parameters only")
-    p.detach().copy_(round_bf16_stochastic(value, sr_seed).reshape(p.shape))
+    if sr_seed is not None:  # bfloat16 only: _optim_ops.check_sr_seed has checked that
+        value = round_bf16_stochastic(value, sr_seed)
+    p.detach().copy_(value.reshape(p.shape))
 
 
 def _seed(sr_seed, i: int) -> int | None:

@@ -88,10 +88,8 @@ def check_bits(name: str, optim_bits: int) -> None:
 
 def check_supported(name: str, config: dict) -> None:
     """Reject settings a rule does not implement instead of ignoring them."""
+    check_bits(name, config["optim_bits"])  # again here: `args` objects and overrides bypass the constructor
     if config["optim_bits"] == 4:
-        if name not in FOUR_BIT_RULES:
-            raise ValueError(f"optim_bits=4 is implemented for Adam/AdamW, Lion and SGD with momentum, not {name}; "
-                             "use optim_bits=8")
         if not config["block_wise"]:
             raise ValueError("4-bit optimizer states are always blockwise; set block_wise=True")
         if config["max_unorm"] > 0.0:
