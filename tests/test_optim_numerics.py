@@ -467,6 +467,43 @@ def test_native_op_equals_reference_op(name, mode, dtype, variant, cpu_level):
         assert_bitwise_equal(a, b, f"{name} {mode} tensor {i}")
 
 
+def _clustered_map(spacing):
+    """A sorted map with 40 values `spacing` apart from 0.5 (search bins there are 2**-8 wide)."""
+    spread = torch.linspace(-1, 1, 216)
+    packed = 0.5 + torch.arange(40, dtype=torch.float32) * spacing
+    return torch.cat([spread, packed]).sort().values
+
+
+#: Maps that take the block kernels off their one-round search (Note [8-bit code search]): several midpoints
+#: per bin, values beyond [-1, 1], and two entries of 1.0 (a midpoint at 1.0: a state scaled to just above 1
+#: must get the code of 1.0, which the clamp gives and the unclamped search would not).
+SPECIAL_MAPS = {"dynamic": None, "two-per-bin": lambda: _clustered_map(2.0 ** -9),
+                "dense": lambda: _clustered_map(2.0 ** -20), "wide": lambda: torch.linspace(-2.0, 2.0, 256),
+                "top-pair": lambda: torch.cat([torch.linspace(-1.0, 1.0, 255), torch.ones(1)])}
+
+
+@pytest.mark.parametrize("qmap", list(SPECIAL_MAPS))
+@pytest.mark.parametrize("name", ["adam_step_", "lion_step_", "rmsprop_step_"])
+def test_native_op_equals_reference_op_special_blocks(name, qmap, cpu_level):
+    """Blocks pipelined with their neighbours' requantization (optim-inl.h) switch to the general search
+    for blocks with a NaN or inf state and for special maps, and stay the reference bit for bit."""
+    inputs = _op_inputs(name, "8bit-blockwise", torch.float32, [4097, 2560], seed=11, extra_2d=False)
+    params, grads, states, absmaxes, qmaps, t = inputs
+    grads[0][3 * 256 + 5] = float("nan")  # poisons block 3's states
+    grads[0][7 * 256 + 9] = float("inf")
+    grads[1][256 * 9 + 1] = float("-inf")  # block 9 of 10: the last full block
+    for absmax in absmaxes:  # huge blocks: 1 / absmax is subnormal, and a state scaled by it can exceed 1
+        absmax[1][2:6] = torch.tensor([1.1e38, 1.7e38, 2.3e38, 3.1e38])
+    if SPECIAL_MAPS[qmap] is not None:
+        qmaps[:] = [SPECIAL_MAPS[qmap]() for _ in qmaps]
+    args = _op_args(name, inputs, "8bit-blockwise", _hyper("plain"))
+    ref_args = _clone_args(args)
+    getattr(torch.ops.kbit, name)(*args)
+    getattr(reference_optim, name)(*ref_args)
+    for i, (a, b) in enumerate(zip(_mutable(args), _mutable(ref_args))):
+        assert_bitwise_equal(a, b, f"{name} with the {qmap} map: tensor {i}")
+
+
 #: With a trust ratio the native kernels sum the norms in float64 in a fixed blocked order, the reference in
 #: torch's order; the scales agree to float64 rounding, then k * scale is rounded to float32, which can differ by
 #: one float32 ulp (6e-8 relative, the "~1e-7" of the design). The parameter then differs by up to that share of

@@ -26,23 +26,29 @@ inline float block_absmax(const T* x, int64_t len) {
 // The CodeLut fields the search reads, copied into locals: the kernels store uint8 codes, which may alias
 // anything, so reading through the CodeLut pointer would reload every field after every store.
 struct LutView {
-  const uint64_t* bins;
-  const float* mids;
-  int max_in_bin;
-  explicit LutView(const CodeLut& l) : bins(l.bins), mids(l.mids), max_in_bin(l.max_in_bin) {}
+  const uint32_t* bins = nullptr;
+  const float* mids = nullptr;
+  int max_in_bin = 0;
+  bool clamp_free = false;
+  LutView() = default;
+  explicit LutView(const CodeLut& l)
+      : bins(l.bins), mids(l.mids), max_in_bin(l.max_in_bin), clamp_free(l.clamp_free) {}
 };
+
+// The bin lookup and first compare round of Note [8-bit code search] for Ops::N non-NaN values: the exact
+// codes when the map has at most one midpoint per bin.
+inline typename Ops::I code_first_round(typename Ops::F s, const uint32_t* bins) {
+  const typename Ops::I key = Ops::order_key(s);
+  return Ops::srli_i<16>(Ops::add_i(key, Ops::gather_u32(bins, Ops::srli_i<16>(key))));
+}
 
 // Exact nearest-code indices of Ops::N scaled values, Note [8-bit code search]. `finite_block` says the
 // block's absmax is finite, so no value can be NaN and the NaN masking can be skipped.
 inline typename Ops::I code_indices(typename Ops::F s, const LutView lut, bool finite_block) {
   typename Ops::I idx;
   if (lut.max_in_bin <= kMaxLutSteps) {
-    typename Ops::F first_mid;
-    Ops::gather_bins(lut.bins, Ops::order_key16(s), &idx, &first_mid);
-    if (lut.max_in_bin > 0) {
-      idx = Ops::add_where(idx, Ops::lt(first_mid, s), 1);
-      for (int k = 1; k < lut.max_in_bin; ++k) idx = Ops::add_where(idx, Ops::lt(Ops::gather(lut.mids, idx), s), 1);
-    }
+    idx = code_first_round(s, lut.bins);
+    for (int k = 1; k < lut.max_in_bin; ++k) idx = Ops::add_where(idx, Ops::lt(Ops::gather(lut.mids, idx), s), 1);
   } else {
     idx = Ops::zero_i();
     for (int step = 128; step >= 1; step >>= 1) {

@@ -22,13 +22,16 @@ std::shared_ptr<CodeLut> build(const float* code) {
   std::memcpy(lut->code, code, sizeof lut->code);
   for (int i = 0; i < 255; ++i) lut->mids[i] = (code[i] + code[i + 1]) / 2.0f;
   lut->mids[255] = std::numeric_limits<float>::infinity();
+  lut->clamp_free = code[0] >= -1.0f && lut->mids[254] < 1.0f;  // sorted: the ends bound the rest
   // bin_count for every bin (NaN lows, beyond -inf and +inf, get 0: NaN lanes are masked to code 0
   // and clamped values never reach them).
   std::vector<uint8_t> count(kLutBins);
   for (uint32_t bin = 0; bin < uint32_t(kLutBins); ++bin) {
     const float low = bin_low(bin);
     count[bin] = low == low ? nearest_code_index(low, lut->mids) : 0;
-    lut->bins[bin] = (uint64_t(f32_bits(lut->mids[count[bin]])) << 32) | count[bin];
+    const uint32_t first_mid_key = order_key(f32_bits(lut->mids[count[bin]]));
+    const uint32_t mid_low = (first_mid_key >> 16) == bin ? (first_mid_key & 0xffffu) : 0xffffu;
+    lut->bins[bin] = ((uint32_t(count[bin]) - bin) << 16) + (0xffffu - mid_low);
   }
   // Only bins holding values of [-1, 1] are ever searched (values are clamped first).
   lut->max_in_bin = 0;

@@ -7,9 +7,13 @@
 // is the number of midpoints below the bin's lowest float, so the answer is bin_count plus the number of
 // midpoints inside the bin below s. No bin of a well-spread map (the dynamic maps, linear, fp8) holds
 // more than `max_in_bin` midpoints, so `max_in_bin` compare-and-step rounds finish the search exactly.
-// Each bin is one 64-bit entry: bin_count in the low word and mids[bin_count], the first midpoint the
-// search compares with, in the high word. One 64-bit gather fetches both (half the loads of two 32-bit
-// gathers, and no gather waits for another).
+// Each bin is one 32-bit entry that makes the first round two integer operations. Let m be the low 16 key
+// bits of mids[bin_count] when that midpoint lies inside the bin, else 0xffff. Inside one bin all keys
+// share their top 16 bits (and their sign, so -0 and +0 never meet) and the key order is the float order,
+// so s > mids[bin_count] exactly when s's low key bits exceed m, and never when m = 0xffff. The entry is
+// ((bin_count - bin) << 16) + (0xffff - m), modulo 2^32: adding s's whole key (bin << 16 | low) gives
+// (bin_count << 16) + 0xffff - m + low, whose top half is bin_count plus the carry "low > m". So the first
+// round is one 16-lane 32-bit gather, an add and a shift; later rounds gather the midpoints themselves.
 // Maps with many equal entries (max_in_bin > kMaxLutSteps) use a vector binary search instead.
 #pragma once
 
@@ -24,16 +28,17 @@ inline constexpr int kMaxLutSteps = 3;
 struct CodeLut {
   float code[256];
   float mids[256];  // 255 midpoints (code[i] + code[i+1]) / 2 in float32, then +inf as a sentinel
-  uint64_t bins[kLutBins];  // (float bits of mids[count]) << 32 | count
+  uint32_t bins[kLutBins];  // Note [8-bit code search]: ((count - bin) << 16) + (0xffff - in-bin midpoint's low key)
+  // Values beyond [-1, 1] get the codes of -1 and 1 without clamping: no midpoint below -1, none at or
+  // above 1. (x * block_reciprocal(absmax) can exceed 1 by a few ulps when the reciprocal is subnormal.)
+  bool clamp_free;
   int max_in_bin;
 };
 
 namespace {  // Note [one definition per ISA]
-// Order-preserving map from float bits to uint32 (negative floats reversed), top 16 bits.
-inline uint32_t order_key16(uint32_t bits) {
-  const uint32_t key = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-  return key >> 16;
-}
+// Order-preserving map from float bits to uint32 (negative floats reversed), and its top 16 bits.
+inline uint32_t order_key(uint32_t bits) { return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u); }
+inline uint32_t order_key16(uint32_t bits) { return order_key(bits) >> 16; }
 }  // namespace
 
 // Returns the (cached) table for a sorted 256-entry code. Thread-safe; a small LRU cache keyed by the

@@ -109,25 +109,19 @@ struct Ops {
   static I add_i(I a, I b) { return _mm256_add_epi32(a, b); }
   static I add_where(I a, M m, int k) { return _mm256_add_epi32(a, _mm256_and_si256(m, _mm256_set1_epi32(k))); }
   static I zero_where(I a, M m) { return _mm256_andnot_si256(m, a); }
-  static I order_key16(F s) {
+  // Order-preserving integer key of s's bits (code_lut.h order_key).
+  static I order_key(F s) {
     const __m256i u = _mm256_castps_si256(s);
     const __m256i neg = _mm256_srai_epi32(u, 31);  // all ones for negative lanes
     // negative: ~u; positive: u | 0x80000000  ==  (u ^ neg) | (~neg & 0x80000000)
-    const __m256i key = _mm256_or_si256(_mm256_xor_si256(u, neg),
-                                        _mm256_andnot_si256(neg, _mm256_set1_epi32(int(0x80000000u))));
-    return _mm256_srli_epi32(key, 16);
+    return _mm256_or_si256(_mm256_xor_si256(u, neg), _mm256_andnot_si256(neg, _mm256_set1_epi32(int(0x80000000u))));
   }
-  // 64-bit table entries (low word, high word) at 8 indices -> the low words as ints, the high as floats.
-  static void gather_bins(const uint64_t* table, I idx, I* low, F* high) {
-    const long long* base = reinterpret_cast<const long long*>(table);
-    const __m256i a = _mm256_i32gather_epi64(base, _mm256_castsi256_si128(idx), 8);
-    const __m256i b = _mm256_i32gather_epi64(base, _mm256_extracti128_si256(idx, 1), 8);
-    // a = [l0 h0 l1 h1 | l2 h2 l3 h3], b = [l4 h4 l5 h5 | l6 h6 l7 h7] (32-bit words)
-    const __m256i lo_words = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6), hi_words = _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
-    const __m256i la = _mm256_permutevar8x32_epi32(a, lo_words), lb = _mm256_permutevar8x32_epi32(b, lo_words);
-    const __m256i ha = _mm256_permutevar8x32_epi32(a, hi_words), hb = _mm256_permutevar8x32_epi32(b, hi_words);
-    *low = _mm256_permute2x128_si256(la, lb, 0x20);
-    *high = _mm256_castsi256_ps(_mm256_permute2x128_si256(ha, hb, 0x20));
+  template <int kShift>
+  static I srli_i(I a) { return _mm256_srli_epi32(a, kShift); }
+  static I and_i(I a, I b) { return _mm256_and_si256(a, b); }
+  static M gt_i(I a, I b) { return _mm256_cmpgt_epi32(a, b); }
+  static I gather_u32(const uint32_t* table, I idx) {
+    return _mm256_i32gather_epi32(reinterpret_cast<const int*>(table), idx, 4);
   }
   static F gather(const float* table, I idx) { return _mm256_i32gather_ps(table, idx, 4); }
 

@@ -104,22 +104,17 @@ struct Ops {
   static I add_i(I a, I b) { return _mm512_add_epi32(a, b); }
   static I add_where(I a, M m, int k) { return _mm512_mask_add_epi32(a, m, a, _mm512_set1_epi32(k)); }
   static I zero_where(I a, M m) { return _mm512_mask_mov_epi32(a, m, _mm512_setzero_si512()); }
-  static I order_key16(F s) {
+  // Order-preserving integer key of s's bits (code_lut.h order_key).
+  static I order_key(F s) {
     const __m512i u = _mm512_castps_si512(s);
     const __mmask16 neg = _mm512_movepi32_mask(u);
-    const __m512i key = _mm512_mask_xor_epi32(_mm512_or_si512(u, _mm512_set1_epi32(int(0x80000000u))), neg, u,
-                                              _mm512_set1_epi32(-1));
-    return _mm512_srli_epi32(key, 16);
+    return _mm512_mask_xor_epi32(_mm512_or_si512(u, _mm512_set1_epi32(int(0x80000000u))), neg, u, _mm512_set1_epi32(-1));
   }
-  // 64-bit table entries (low word, high word) at 16 indices -> the low words as ints, the high as floats.
-  static void gather_bins(const uint64_t* table, I idx, I* low, F* high) {
-    const __m512i a = _mm512_i32gather_epi64(_mm512_castsi512_si256(idx), table, 8);
-    const __m512i b = _mm512_i32gather_epi64(_mm512_extracti64x4_epi64(idx, 1), table, 8);
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-    *low = _mm512_permutex2var_epi32(a, even, b);
-    *high = _mm512_castsi512_ps(_mm512_permutex2var_epi32(a, odd, b));
-  }
+  template <int kShift>
+  static I srli_i(I a) { return _mm512_srli_epi32(a, kShift); }
+  static I and_i(I a, I b) { return _mm512_and_si512(a, b); }
+  static M gt_i(I a, I b) { return _mm512_cmpgt_epi32_mask(a, b); }
+  static I gather_u32(const uint32_t* table, I idx) { return _mm512_i32gather_epi32(idx, table, 4); }
   static F gather(const float* table, I idx) { return _mm512_i32gather_ps(idx, table, 4); }
 
   // 16-entry table held in a register: table16(t) then lookup16(table, idx) with idx in 0..15.
