@@ -82,6 +82,35 @@ def test_native_4bit_op_equals_reference(name, dtype, full, cpu_level):
         assert_bitwise_equal(a, b, f"{name} tensor {i}")
 
 
+#: 16-value maps for the search's edge cases: the defaults, two entries of 1.0 (a threshold at 1.0, so a value
+#: scaled to just above 1 must be clamped first), values beyond [-1, 1], and thresholds a few ulps apart.
+SPECIAL_4BIT_MAPS = {
+    "default": None,
+    "top-pair": lambda: torch.cat([torch.linspace(-1.0, 1.0, 15), torch.ones(1)]),
+    "wide": lambda: torch.linspace(-3.0, 3.0, 16),
+    "crowded": lambda: torch.cat([torch.linspace(-1.0, 1.0, 8), 0.5 + torch.arange(1, 9) * 2.0 ** -22]).sort().values,
+}
+
+
+@pytest.mark.parametrize("qmap", list(SPECIAL_4BIT_MAPS))
+@pytest.mark.parametrize("name", ["adam_step_", "lion_step_"])
+def test_native_4bit_op_equals_reference_special_blocks(name, qmap, cpu_level):
+    """NaN and inf states, blocks whose 1 / absmax is subnormal (a scaled state can exceed 1) and unusual maps."""
+    params, grads, states, absmaxes, qmaps = inputs = _inputs(name, torch.float32, seed=5)
+    grads[9][128 * 3 + 1] = float("nan")
+    grads[9][128 * 5 + 2] = float("inf")
+    for absmax in absmaxes:
+        absmax[10][4:8] = torch.tensor([1.1e38, 1.7e38, 2.3e38, 3.1e38])
+    if SPECIAL_4BIT_MAPS[qmap] is not None:
+        qmaps[:] = [SPECIAL_4BIT_MAPS[qmap]() for _ in qmaps]
+    args = _args(name, inputs, False)
+    ref = _clone(args)
+    getattr(torch.ops.kbit, name)(*args)
+    getattr(R, name)(*ref)
+    for i, (a, b) in enumerate(zip(_mutable(args), _mutable(ref))):
+        assert_bitwise_equal(a, b, f"{name} with the {qmap} map: tensor {i}")
+
+
 def test_4bit_with_stochastic_rounding_equals_reference(cpu_level):
     args = _args("adam_step_", _inputs("adam_step_", torch.bfloat16, seed=9), False)
     ref = _clone(args)

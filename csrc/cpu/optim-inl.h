@@ -56,6 +56,41 @@ struct PendingBlock {
   }
 };
 
+// Code of a scaled value among 15 sorted thresholds (a 4-bit state's midpoints): the count of thresholds
+// strictly below it, as a branch-free binary search over registers. Step k compares with
+// thresholds[c + step - 1]; the tables at_plus3 / at_plus1 hold thresholds[i + 3] / thresholds[i + 1] so
+// each step is one register lookup by c, one compare and one masked add. NaN compares false: code 0,
+// as the reference (scalar_ops.h code4_index). Unlike make_search's grid (fourbit-inl.h), its cost does
+// not depend on how the thresholds are spaced: the optimizer maps crowd thresholds near 0, where the
+// grid needed up to 6 extra rounds.
+struct BinarySearch16 {
+  typename Ops::T16 at, at_plus1, at_plus3;
+  typename Ops::F middle;  // thresholds[7]
+  bool clamp_free;         // as CodeLut::clamp_free: no threshold below -1, none at or above 1
+
+  BinarySearch16() = default;
+  BinarySearch16(const float* code16, const float* thresholds15) {
+    alignas(64) float t[19];
+    for (int i = 0; i < 19; ++i) t[i] = i < 15 ? thresholds15[i] : std::numeric_limits<float>::infinity();
+    at = Ops::table16(t);
+    at_plus1 = Ops::table16(t + 1);
+    at_plus3 = Ops::table16(t + 3);
+    middle = Ops::set1(t[7]);
+    clamp_free = code16[0] >= -1.0f && thresholds15[14] < 1.0f;
+  }
+  typename Ops::I codes(typename Ops::F v) const {
+    typename Ops::I c = Ops::add_where(Ops::zero_i(), Ops::lt(middle, v), 8);
+    c = Ops::add_where(c, Ops::lt(Ops::lookup16(at_plus3, c), v), 4);
+    c = Ops::add_where(c, Ops::lt(Ops::lookup16(at_plus1, c), v), 2);
+    return Ops::add_where(c, Ops::lt(Ops::lookup16(at, c), v), 1);
+  }
+  // Codes of values scaled by inv (Note [scaling rule]).
+  typename Ops::I scaled_codes(typename Ops::F x, typename Ops::F inv) const {
+    const typename Ops::F s = Ops::mul(x, inv);
+    return codes(clamp_free ? s : Ops::clamp_unit(s));
+  }
+};
+
 // Rules whose update waits on the divider (sqrt, divide): their blocks are pipelined with the previous
 // block's requantization. For the others, interleaving measured slower than two loops (Lion8bit 28 -> 31 ms).
 template <class Rule>
@@ -282,10 +317,10 @@ struct OptimBlocks {
   static void update4_blocks(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t b0, int64_t b1) {
     alignas(64) float buf[3][kMaxFusedBlock];
     alignas(64) uint8_t codes[3][kMaxFusedBlock];
-    ThresholdSearch search[3];
+    BinarySearch16 search[3];
     const uint8_t* code_ptr[3];
     for (int k = 0; k < Rule::kStates; ++k) {
-      search[k] = make_search(c.mids4[k], 15, c.code4[k][0] < 0.0f ? -1.0f : 0.0f, 1.0f);
+      search[k] = BinarySearch16(c.code4[k], c.mids4[k]);
       code_ptr[k] = codes[k];
     }
     for (int64_t b = b0; b < b1; ++b) {
@@ -313,11 +348,10 @@ struct OptimBlocks {
         const F vinv = Ops::set1(inv);
         uint8_t* packed = t.codes[k] + start / 2;
         int64_t j = 0;
-        for (; j + 2 * Ops::N <= len; j += 2 * Ops::N) {
-          const auto c0 = count_below(search[k], Ops::clamp_unit(Ops::mul(Ops::load(buf[k] + j), vinv)));
-          const auto c1 = count_below(search[k], Ops::clamp_unit(Ops::mul(Ops::load(buf[k] + j + Ops::N), vinv)));
-          Ops::store_nibbles(packed + j / 2, c0, c1);
-        }
+        const BinarySearch16 local = search[k];  // a local copy: byte stores would reload the tables
+        for (; j + 2 * Ops::N <= len; j += 2 * Ops::N)
+          Ops::store_nibbles(packed + j / 2, local.scaled_codes(Ops::load(buf[k] + j), vinv),
+                             local.scaled_codes(Ops::load(buf[k] + j + Ops::N), vinv));
         const int64_t tail = j;
         for (; j < len; ++j) codes[k][j] = code4_index(scale_and_clamp(buf[k][j], inv), c.mids4[k]);
         pack_nibbles(codes[k] + tail, len - tail, packed + tail / 2);
