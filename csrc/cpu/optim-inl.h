@@ -213,13 +213,21 @@ struct OptimBlocks {
     PendingBlock pend;
     if constexpr (kInterleave) pend = *pending;
     int64_t i = 0;
+    // The dequantized states of the next vector are looked up one iteration ahead, so the lookups'
+    // latency (a gather) overlaps this vector's update.
+    F next[3];
+    auto dequantize = [&](int64_t at) {
+      for (int k = 0; k < Rule::kStates; ++k) {
+        const typename Ops::I idx = Ops::load_u8(code_in[k] + at);
+        next[k] = Ops::mul(kFourBit ? Ops::lookup16(table[k], idx) : Ops::gather(map[k], idx), scale[k]);
+      }
+    };
+    if (len >= Ops::N) dequantize(0);
     for (; i + Ops::N <= len; i += Ops::N) {
       F pv = Ops::load(p + i);
       F s[3];
-      for (int k = 0; k < Rule::kStates; ++k) {
-        const typename Ops::I idx = Ops::load_u8(code_in[k] + i);
-        s[k] = Ops::mul(kFourBit ? Ops::lookup16(table[k], idx) : Ops::gather(map[k], idx), scale[k]);
-      }
+      for (int k = 0; k < Rule::kStates; ++k) s[k] = next[k];
+      if (i + 2 * Ops::N <= len) dequantize(i + Ops::N);
       step_vector(rule, sc, skip_zeros, pv, Ops::load(g + i), s);
       store_param<T>(tensor, start + i, pv);
       for (int k = 0; k < Rule::kStates; ++k) {
