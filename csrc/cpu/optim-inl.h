@@ -8,8 +8,17 @@
 // behind on their five streams; fetching the block two ahead measured 10-20% faster on one thread.
 inline constexpr int64_t kPrefetchBlocks = 2;
 
-// A block whose new states wait in a buffer for requantization (Note [pipelined requantization]).
+// No block waits: update_span's plain loop.
+struct NoPending {
+  static constexpr bool kActive = false;
+  template <int kStates>
+  void step(int64_t) const {}
+};
+
+// A block of 8-bit states whose new values wait in a buffer for requantization (Note [pipelined
+// requantization]).
 struct PendingBlock {
+  static constexpr bool kActive = true;
   const float* values[3];
   typename Ops::F inv[3];  // Note [scaling rule]
   float inv_scalar[3];
@@ -31,6 +40,10 @@ struct PendingBlock {
   // Codes of state k's values [i, i + Ops::N) when one_round[k].
   void quantize_vector_one_round(int k, int64_t i) const {
     Ops::store_u8(codes[k] + i, code_first_round(Ops::mul(Ops::load(values[k] + i), inv[k]), lut[k].bins));
+  }
+  template <int kStates>
+  void step(int64_t i) const {
+    for (int k = 0; k < kStates; ++k) quantize_vector_one_round(k, i);
   }
   template <int kStates>
   bool all_one_round() const {
@@ -88,6 +101,45 @@ struct BinarySearch16 {
   typename Ops::I scaled_codes(typename Ops::F x, typename Ops::F inv) const {
     const typename Ops::F s = Ops::mul(x, inv);
     return codes(clamp_free ? s : Ops::clamp_unit(s));
+  }
+};
+
+// A block of 4-bit states whose new values wait in a buffer for requantization: codes are packed two
+// vectors at a time, so step(i) packs [i - N, i + N) after every second vector.
+struct PendingBlock4 {
+  static constexpr bool kActive = true;
+  const float* values[3];
+  typename Ops::F inv[3];
+  float inv_scalar[3];
+  const float* mids[3];  // the 15 thresholds, for the scalar tail
+  BinarySearch16 search[3];
+  uint8_t* packed[3];
+
+  void set(int k, const float* v, float amax, uint8_t* out) {
+    values[k] = v;
+    inv_scalar[k] = block_reciprocal(amax);
+    inv[k] = Ops::set1(inv_scalar[k]);
+    packed[k] = out;
+  }
+  void pack_pair(int k, int64_t j) const {  // elements [j, j + 2N)
+    Ops::store_nibbles(packed[k] + j / 2, search[k].scaled_codes(Ops::load(values[k] + j), inv[k]),
+                       search[k].scaled_codes(Ops::load(values[k] + j + Ops::N), inv[k]));
+  }
+  template <int kStates>
+  void step(int64_t i) const {
+    if ((i / Ops::N) & 1)
+      for (int k = 0; k < kStates; ++k) pack_pair(k, i - Ops::N);
+  }
+  template <int kStates>
+  void quantize_all(int64_t len) const {
+    const PendingBlock4 local = *this;  // byte stores would reload fields read through `this`
+    for (int k = 0; k < kStates; ++k) {
+      int64_t j = 0;
+      for (; j + 2 * Ops::N <= len; j += 2 * Ops::N) local.pack_pair(k, j);
+      alignas(64) uint8_t tail[2 * Ops::N];
+      for (int64_t e = j; e < len; ++e) tail[e - j] = code4_index(scale_and_clamp(local.values[k][e], local.inv_scalar[k]), local.mids[k]);
+      pack_nibbles(tail, len - j, local.packed[k] + j / 2);  // j is even: the tail starts on a byte
+    }
   }
 };
 
@@ -180,13 +232,12 @@ struct OptimBlocks {
   // parameter, keep the new states in buf and return their max |.| bit patterns (for the new absmax).
   // codes[k][0..len) are the state codes of the span (one byte per element), qmap[k] their code map (16
   // values when kFourBit: looked up in a register instead of gathered).
-  // With kInterleave, the loop also requantizes `pending`, the previous block (same length, a multiple of
-  // Ops::N), vector by vector: its code search runs on the load ports while this block's update waits on
-  // the divider, instead of in a separate loop after it (Note [pipelined requantization]).
-  template <class Rule, class T, bool kFourBit = false, bool kInterleave = false>
+  // With a Pending block (not NoPending), the loop also requantizes it, the previous block (same length, a
+  // multiple of 2 Ops::N), as it goes: Pending::step(i) after vector i (Note [pipelined requantization]).
+  template <class Rule, class T, bool kFourBit = false, class Pending = NoPending>
   static void update_span(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t start, int64_t len,
                           const uint8_t* const* codes, const float* const* qmap, const float* am,
-                          float (*buf)[kMaxFusedBlock], uint32_t* max_bits, const PendingBlock* pending = nullptr) {
+                          float (*buf)[kMaxFusedBlock], uint32_t* max_bits, const Pending* pending = nullptr) {
     // Everything the vector loop reads is copied into locals first: the loop stores floats and bytes,
     // which may alias any float or byte in memory, so fields read through references would be reloaded
     // after every store (extra loads on the ports the gathers need).
@@ -210,8 +261,8 @@ struct OptimBlocks {
       out[k] = buf[k];
       scale[k] = Ops::set1(am[k]);
     }
-    PendingBlock pend;
-    if constexpr (kInterleave) pend = *pending;
+    Pending pend;
+    if constexpr (Pending::kActive) pend = *pending;
     int64_t i = 0;
     // The dequantized states of the next vector are looked up one iteration ahead, so the lookups'
     // latency (a gather) overlaps this vector's update.
@@ -234,8 +285,7 @@ struct OptimBlocks {
         Ops::store(out[k] + i, s[k]);
         vmax[k] = Ops::max_u32(vmax[k], Ops::abs_bits(s[k]));
       }
-      if constexpr (kInterleave)
-        for (int k = 0; k < Rule::kStates; ++k) pend.quantize_vector_one_round(k, i);
+      if constexpr (Pending::kActive) pend.template step<Rule::kStates>(i);
     }
     for (int k = 0; k < Rule::kStates; ++k) max_bits[k] = Ops::reduce_max_u32(vmax[k]);
     for (; i < len; ++i) {
@@ -280,7 +330,7 @@ struct OptimBlocks {
       prefetch_block<Rule, T>(t, start + kPrefetchBlocks * c.blocksize, c.blocksize);
       float (*cur)[kMaxFusedBlock] = buf[b & 1];
       if (kPipelineRequant<Rule> && pending_len == len && len % Ops::N == 0 && pending.all_one_round<Rule::kStates>()) {
-        update_span<Rule, T, false, kPipelineRequant<Rule>>(c, t, r, start, len, codes, qmap, am, cur, max_bits, &pending);
+        update_span<Rule, T, false, PendingBlock>(c, t, r, start, len, codes, qmap, am, cur, max_bits, &pending);
       } else {
         if (pending_len > 0) pending.quantize_all<Rule::kStates>(pending_len);
         update_span<Rule, T>(c, t, r, start, len, codes, qmap, am, cur, max_bits);
@@ -323,12 +373,14 @@ struct OptimBlocks {
   // unpacked to bytes, go through the same update pass as 8-bit codes, and are packed back.
   template <class Rule, class T>
   static void update4_blocks(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t b0, int64_t b1) {
-    alignas(64) float buf[3][kMaxFusedBlock];
+    alignas(64) float buf[2][3][kMaxFusedBlock];
     alignas(64) uint8_t codes[3][kMaxFusedBlock];
-    BinarySearch16 search[3];
+    PendingBlock4 pending;
+    int64_t pending_len = 0;  // 0: no block waits
     const uint8_t* code_ptr[3];
     for (int k = 0; k < Rule::kStates; ++k) {
-      search[k] = BinarySearch16(c.code4[k], c.mids4[k]);
+      pending.search[k] = BinarySearch16(c.code4[k], c.mids4[k]);
+      pending.mids[k] = c.mids4[k];
       code_ptr[k] = codes[k];
     }
     for (int64_t b = b0; b < b1; ++b) {
@@ -348,23 +400,25 @@ struct OptimBlocks {
         }
         unpack_nibbles(packed + j / 2, len - j, codes[k] + j);  // j is even: the tail starts on a byte
       }
-      update_span<Rule, T, true>(c, t, r, start, len, code_ptr, c.code4, am, buf, max_bits);
+      float (*cur)[kMaxFusedBlock] = buf[b & 1];
+      if (kPipelineRequant<Rule> && pending_len == len && len % (2 * Ops::N) == 0) {
+        update_span<Rule, T, true, PendingBlock4>(c, t, r, start, len, code_ptr, c.code4, am, cur, max_bits, &pending);
+      } else {
+        if (pending_len > 0) pending.quantize_all<Rule::kStates>(pending_len);
+        update_span<Rule, T, true>(c, t, r, start, len, code_ptr, c.code4, am, cur, max_bits);
+      }
       for (int k = 0; k < Rule::kStates; ++k) {
         const float amax = absmax_from_bits(max_bits[k]);
         t.absmax[k][b] = amax;
-        const float inv = block_reciprocal(amax);
-        const F vinv = Ops::set1(inv);
-        uint8_t* packed = t.codes[k] + start / 2;
-        int64_t j = 0;
-        const BinarySearch16 local = search[k];  // a local copy: byte stores would reload the tables
-        for (; j + 2 * Ops::N <= len; j += 2 * Ops::N)
-          Ops::store_nibbles(packed + j / 2, local.scaled_codes(Ops::load(buf[k] + j), vinv),
-                             local.scaled_codes(Ops::load(buf[k] + j + Ops::N), vinv));
-        const int64_t tail = j;
-        for (; j < len; ++j) codes[k][j] = code4_index(scale_and_clamp(buf[k][j], inv), c.mids4[k]);
-        pack_nibbles(codes[k] + tail, len - tail, packed + tail / 2);
+        pending.set(k, cur[k], amax, t.codes[k] + start / 2);
+      }
+      pending_len = len;
+      if (!kPipelineRequant<Rule>) {
+        pending.quantize_all<Rule::kStates>(pending_len);
+        pending_len = 0;
       }
     }
+    if (pending_len > 0) pending.quantize_all<Rule::kStates>(pending_len);
   }
 
   // Codes of `len` values scaled by `inv` (Note [scaling rule]), exact nearest.
