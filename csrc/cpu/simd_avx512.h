@@ -106,9 +106,10 @@ struct Ops {
   static I zero_where(I a, M m) { return _mm512_mask_mov_epi32(a, m, _mm512_setzero_si512()); }
   // Order-preserving integer key of s's bits (code_lut.h order_key).
   static I order_key(F s) {
+    // u ^ (sign ? 0xffffffff : 0x80000000): the sign smeared by an arithmetic shift, then one ternary
+    // logic op computing u ^ (smear | 0x80000000) (truth table 0x1e).
     const __m512i u = _mm512_castps_si512(s);
-    const __mmask16 neg = _mm512_movepi32_mask(u);
-    return _mm512_mask_xor_epi32(_mm512_or_si512(u, _mm512_set1_epi32(int(0x80000000u))), neg, u, _mm512_set1_epi32(-1));
+    return _mm512_ternarylogic_epi32(u, _mm512_srai_epi32(u, 31), _mm512_set1_epi32(int(0x80000000u)), 0x1e);
   }
   template <int kShift>
   static I srli_i(I a) { return _mm512_srli_epi32(a, kShift); }
