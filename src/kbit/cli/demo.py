@@ -8,7 +8,7 @@ Prints a table (train loss, held-out loss, optimizer-state bytes, step times) an
   results.csv    the table
   loss_curves.png  (needs matplotlib: pip install 'kbit[plot]')
 
-The default takes a few minutes on 2 cores; `--quick` (tiny model, 20 steps) takes seconds.
+The default takes about 1.5 minutes on 2 cores (longer on a busy machine); `--quick` (tiny model, 20 steps) takes seconds.
 Losses are next-byte cross-entropy in nats (ln 2 = 0.69 nats is one bit per byte).
 """
 
