@@ -53,6 +53,10 @@ void whole_blocks(const Gemv4bitArgs& a, typename Ops::T16 table, int64_t row, i
   const float* xh = odd ? a.x_odd + ((k0 - 1) >> 1) : a.x_even + (k0 >> 1);
   const float* xl = odd ? a.x_even + ((k0 + 1) >> 1) : a.x_odd + (k0 >> 1);
   alignas(64) float scales[kRowScales];
+  // The row's lanes live in registers for the loop: through the pointer, every block's update would be a
+  // store and a reload (the compiler cannot prove row_scales() leaves them alone), a chain twice as slow.
+  typename Ops::L16 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = y[m];
   for (int64_t i = 0; i < nblocks; ++i) {
     if (i % kRowScales == 0) row_scales(a, b0 + i, nblocks - i < kRowScales ? nblocks - i : kRowScales, scales);
     typename Ops::L16 s[M];
@@ -60,8 +64,9 @@ void whole_blocks(const Gemv4bitArgs& a, typename Ops::T16 table, int64_t row, i
     bytes += 16, xh += 16, xl += 16;
     for (int64_t c = 1; c < cpb; ++c, bytes += 16, xh += 16, xl += 16) chunk_sums<M, false>(a, bytes, table, xh, xl, s);
     const float am = scales[i % kRowScales];
-    for (int m = 0; m < M; ++m) y[m] = Ops::l16_scale_fma(s[m], am, y[m]);
+    for (int m = 0; m < M; ++m) acc[m] = Ops::l16_scale_fma(s[m], am, acc[m]);
   }
+  for (int m = 0; m < M; ++m) y[m] = acc[m];
 }
 
 template <int M>
