@@ -284,14 +284,7 @@ struct OptimBlocks {
     if (pending_len > 0) pending.quantize_all<Rule::kStates>(pending_len);
   }
 
-  // Codes of `len` values scaled by `inv` (Note [scaling rule]), exact nearest.
-  static void quantize_values(const float* v, int64_t len, float inv, bool finite, const LutView lut, uint8_t* codes) {
-    const F vinv = Ops::set1(inv);
-    int64_t j = 0;
-    for (; j + Ops::N <= len; j += Ops::N)
-      Ops::store_u8(codes + j, code_indices(Ops::clamp_unit(Ops::mul(Ops::load(v + j), vinv)), lut, finite));
-    for (; j < len; ++j) codes[j] = nearest_code_index(scale_and_clamp(v[j], inv), lut.mids);
-  }
+
 
   // The trust-ratio sums and tensor-wise maxima over [begin, end), in blocks of `unit` elements; nothing
   // is written. Lanes follow Note [trust ratio].

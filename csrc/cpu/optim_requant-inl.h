@@ -2,6 +2,15 @@
 // optim-inl.h): the pending-block types update_span interleaves with the next block's update, and the
 // register binary search of 4-bit states. Included by optim-inl.h, inside each ISA unit's namespace.
 
+// Codes of `len` values scaled by `inv` (Note [scaling rule]), exact nearest.
+inline void quantize_values(const float* v, int64_t len, float inv, bool finite, const LutView lut, uint8_t* codes) {
+  const typename Ops::F vinv = Ops::set1(inv);
+  int64_t j = 0;
+  for (; j + Ops::N <= len; j += Ops::N)
+    Ops::store_u8(codes + j, code_indices(Ops::clamp_unit(Ops::mul(Ops::load(v + j), vinv)), lut, finite));
+  for (; j < len; ++j) codes[j] = nearest_code_index(scale_and_clamp(v[j], inv), lut.mids);
+}
+
 // No block waits: update_span's plain loop.
 struct NoPending {
   static constexpr bool kActive = false;
@@ -47,16 +56,14 @@ struct PendingBlock {
   }
   template <int kStates>
   void quantize_all(int64_t len) const {
+    const PendingBlock local = *this;  // see update_span: stores of codes would reload fields
     for (int k = 0; k < kStates; ++k) {
-      const PendingBlock local = *this;  // see update_span: stores of codes would reload fields
-      int64_t j = 0;
-      if (local.one_round[k]) {
-        for (; j + Ops::N <= len; j += Ops::N) local.quantize_vector_one_round(k, j);
-      } else {
-        for (; j + Ops::N <= len; j += Ops::N)
-          Ops::store_u8(local.codes[k] + j, code_indices(Ops::clamp_unit(Ops::mul(Ops::load(local.values[k] + j), local.inv[k])),
-                                                         local.lut[k], local.finite[k]));
+      if (!local.one_round[k]) {
+        quantize_values(local.values[k], len, local.inv_scalar[k], local.finite[k], local.lut[k], local.codes[k]);
+        continue;
       }
+      int64_t j = 0;
+      for (; j + Ops::N <= len; j += Ops::N) local.quantize_vector_one_round(k, j);
       for (; j < len; ++j)
         local.codes[k][j] = nearest_code_index(scale_and_clamp(local.values[k][j], local.inv_scalar[k]), local.lut[k].mids);
     }

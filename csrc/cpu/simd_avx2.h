@@ -118,8 +118,6 @@ struct Ops {
   }
   template <int kShift>
   static I srli_i(I a) { return _mm256_srli_epi32(a, kShift); }
-  static I and_i(I a, I b) { return _mm256_and_si256(a, b); }
-  static M gt_i(I a, I b) { return _mm256_cmpgt_epi32(a, b); }
   static I gather_u32(const uint32_t* table, I idx) {
     return _mm256_i32gather_epi32(reinterpret_cast<const int*>(table), idx, 4);
   }

@@ -113,8 +113,6 @@ struct Ops {
   }
   template <int kShift>
   static I srli_i(I a) { return _mm512_srli_epi32(a, kShift); }
-  static I and_i(I a, I b) { return _mm512_and_si512(a, b); }
-  static M gt_i(I a, I b) { return _mm512_cmpgt_epi32_mask(a, b); }
   static I gather_u32(const uint32_t* table, I idx) { return _mm512_i32gather_epi32(idx, table, 4); }
   static F gather(const float* table, I idx) { return _mm512_i32gather_ps(idx, table, 4); }
 
