@@ -107,6 +107,16 @@ void gemv_4bit(const Array& x, const Array& packed, const Array& absmax, const A
   a.x_even = xe.data();
   a.x_odd = xo.data();
   a.x_stride = stride;
+  // The group-ordered copy (Note [4-bit gemv order]), 64-byte aligned: the kernel's 16-lane loads of it
+  // would otherwise split across cache lines. The reference twin reads xe / xo.
+  std::vector<float> xg_storage;
+  if (gemv_uses_groups(k_in, blocksize)) {
+    xg_storage.resize(size_t(rows * k_in + 16));
+    float* xg = xg_storage.data() + (16 - (reinterpret_cast<uintptr_t>(xg_storage.data()) / sizeof(float)) % 16) % 16;
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t i = 0; i < k_in; ++i) xg[m * k_in + i] = load_any(xp, kx, m * k_in + gemv_group_input_index(i));
+    a.x_groups = xg;
+  }
   a.aligned = k_in % 32 == 0 && k_in % blocksize == 0;
   a.out = y.data();
   active_kernels().gemv_4bit(a, threads);

@@ -59,10 +59,12 @@ def test_forward_matches_dequantized_linear(k, n, batch, dtype):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
 @pytest.mark.parametrize("compress_statistics", [False, True])
-def test_gemv_levels_bit_identical(cpu_level, quant_type, blocksize, compress_statistics):
+# 4104: the chunk walk; 4096 and 128 (whose 256-blocks span two rows): the 128-element group walk
+@pytest.mark.parametrize("k", [4104, 4096, 128])
+def test_gemv_levels_bit_identical(cpu_level, quant_type, blocksize, compress_statistics, k):
     """The fused kernel gives the same bits at every CPU level (Note [4-bit gemv order])."""
-    _, q = make_layer(4104, 37, quant_type=quant_type, blocksize=blocksize, compress_statistics=compress_statistics)
-    x = torch.randn(3, 4104, generator=torch.Generator().manual_seed(1))
+    _, q = make_layer(k, 37, quant_type=quant_type, blocksize=blocksize, compress_statistics=compress_statistics)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(1))
     got = q(x)
     with kbit.cpu_capability("scalar"):
         want = q(x)

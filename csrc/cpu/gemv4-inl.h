@@ -31,9 +31,16 @@ inline void row_scales(const Gemv4bitArgs& a, int64_t b0, int64_t count, float* 
   if (a.absmax == nullptr) {
     const typename Ops::F offset = Ops::set1(a.offset);
     for (; i + Ops::N <= count; i += Ops::N) {
-      const typename Ops::I blocks = Ops::add_i(Ops::iota_i(), Ops::set1_i(int(b0 + i)));
-      const typename Ops::F v = Ops::gather(a.absmax_code, Ops::load_u8(a.absmax_q + b0 + i));
-      const typename Ops::F nested = Ops::gather(a.absmax_nested, Ops::srl_i(blocks, a.nested_shift));
+      const int64_t first = b0 + i, last = first + Ops::N - 1;
+      const typename Ops::F v = Ops::gather(a.absmax_code, Ops::load_u8(a.absmax_q + first));
+      // Ops::N blocks usually share one nested block (256 of them do): a broadcast, not a second gather.
+      typename Ops::F nested;
+      if ((first >> a.nested_shift) == (last >> a.nested_shift)) {
+        nested = Ops::set1(a.absmax_nested[first >> a.nested_shift]);
+      } else {
+        const typename Ops::I blocks = Ops::add_i(Ops::iota_i(), Ops::set1_i(int(first)));
+        nested = Ops::gather(a.absmax_nested, Ops::srl_i(blocks, a.nested_shift));
+      }
       Ops::store(out + i, Ops::add(Ops::mul(v, nested), offset));
     }
   }
@@ -74,6 +81,64 @@ inline void whole_blocks_any(const Gemv4bitArgs& a, typename Ops::T16 table, int
                              int64_t nblocks, typename Ops::L16* y) {
   if (a.blocksize == 64) whole_blocks<M, 2>(a, table, row, f, b0, nblocks, y);
   else whole_blocks<M, 0>(a, table, row, f, b0, nblocks, y);
+}
+
+// Rows [n0, n1) when gemv_uses_groups(): whole 128-element groups, Note [4-bit gemv order] (groups). Each
+// half group lies in one block (both are 64-aligned and blocks are at least 64 long). Offset loads read up
+// to 3 bytes past a group, so the tensor's last group is decoded from a zero-padded copy.
+template <int M>
+void group_rows(const Gemv4bitArgs& a, typename Ops::T16 table, int64_t n0, int64_t n1) {
+  using L16 = typename Ops::L16;
+  constexpr int64_t kHalf = kGemvGroup / 2;  // elements per half group, and bytes per group
+  const int64_t K = a.k_in, groups = K / kGemvGroup, nbytes = (a.n_out * K + 1) / 2;
+  int bs_shift = 0;  // block sizes are powers of two; a division per group would cost as much as its math
+  while ((int64_t(1) << bs_shift) < a.blocksize) ++bs_shift;
+  alignas(64) float scales[kRowScales];
+  alignas(64) uint8_t padded[2 * kHalf];
+  alignas(64) float lanes[16];
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t row = n * K, row_last_block = (row + K - 1) >> bs_shift;
+    // Block scales: float32 ones are read in place; double-quantized ones are decoded into a window.
+    const float* sp = a.absmax;
+    int64_t window = 0, window_end = a.absmax != nullptr ? std::numeric_limits<int64_t>::max() : -1;
+    const uint8_t* bytes = a.packed + (row >> 1);
+    const int64_t direct = (row >> 1) + groups * kHalf + 3 <= nbytes ? groups : groups - 1;
+    if (direct < groups) {
+      std::memset(padded, 0, sizeof(padded));
+      std::memcpy(padded, bytes + direct * kHalf, kHalf);
+    }
+    L16 c0[M], c1[M];
+    for (int m = 0; m < M; ++m) c0[m] = c1[m] = Ops::l16_zero();
+    const float* x = a.x_groups;
+    for (int64_t g = 0, f = row; g < groups; ++g, f += kGemvGroup, x += kGemvGroup) {
+      const int64_t b_lo = f >> bs_shift, b_hi = (f + kHalf) >> bs_shift;
+      if (b_hi >= window_end) {
+        window = b_lo;
+        const int64_t count = row_last_block + 1 - window;
+        window_end = window + (count < kRowScales ? count : kRowScales);
+        row_scales(a, window, window_end - window, scales);
+        sp = scales;
+      }
+      const L16 sc = Ops::l16_halves(sp[b_lo - window], sp[b_hi - window]);
+      const uint8_t* p = g < direct ? bytes + g * kHalf : padded;
+      L16 lo[4], hi[4];
+      for (int k = 0; k < 4; ++k) Ops::l16_decode_dwords(p + k, table, &lo[k], &hi[k]);
+      for (int m = 0; m < M; ++m) {
+        const float* xm = x + m * K;
+        L16 s0 = Ops::l16_mul(lo[0], Ops::l16_loadu(xm)), s1 = Ops::l16_mul(hi[0], Ops::l16_loadu(xm + 16));
+        for (int k = 1; k < 4; ++k) {
+          s0 = Ops::l16_fma(lo[k], Ops::l16_loadu(xm + 32 * k), s0);
+          s1 = Ops::l16_fma(hi[k], Ops::l16_loadu(xm + 32 * k + 16), s1);
+        }
+        c0[m] = Ops::l16_fma(s0, sc, c0[m]);
+        c1[m] = Ops::l16_fma(s1, sc, c1[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      Ops::l16_store(lanes, Ops::l16_add(c0[m], c1[m]));
+      a.out[m * a.n_out + n] = sum_lanes16(lanes);
+    }
+  }
 }
 
 // A chunk cut by a row boundary, elements [f, stop) of the 32-aligned chunk c: the whole chunk is decoded
@@ -120,6 +185,10 @@ void gemv_4bit_rows(const Gemv4bitArgs& a, int64_t n0, int64_t n1) {
   using L16 = typename Ops::L16;
   const float* tab = table_4bit(a.qt);
   const typename Ops::T16 table = Ops::table16(tab);
+  if (a.x_groups != nullptr) {
+    group_rows<M>(a, table, n0, n1);
+    return;
+  }
   const int64_t K = a.k_in, bs = a.blocksize;
   alignas(64) float wh[16], wl[16], xh_part[M * 16], xl_part[M * 16], lanes[16];
   // Every row is made of whole, chunk-aligned blocks when K is a multiple of both (the common case).

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cmath>
+#include <cstring>
+#include <limits>
 
 #include "gemv_4bit.h"
 #include "scalar_ops.h"

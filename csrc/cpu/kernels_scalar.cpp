@@ -210,7 +210,45 @@ struct OptimBlocks {
 
 
 // ---- 4-bit gemv: the reference twin of gemv4-inl.h, lane by lane (Note [4-bit gemv order]) ----
+// Rows of whole 128-element groups (gemv_uses_groups()), in the group order; weights and inputs are read
+// from the packed data and the plain input columns, not from the kernel's group-ordered copy.
+void gemv_4bit_group_rows(const Gemv4bitArgs& a, int64_t n0, int64_t n1) {
+  const float* tab = table_4bit(a.qt);
+  const int64_t K = a.k_in, bs = a.blocksize, M = a.rows;
+  std::vector<float> c0(size_t(M) * 16), c1(size_t(M) * 16), y(16);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t row = n * K;
+    std::fill(c0.begin(), c0.end(), 0.0f);
+    std::fill(c1.begin(), c1.end(), 0.0f);
+    for (int64_t f = row; f < row + K; f += kGemvGroup) {
+      for (int64_t j = 0; j < 16; ++j) {
+        const float am = block_absmax_of(a, (f + 8 * j) / bs);
+        for (int64_t m = 0; m < M; ++m) {
+          float s0 = 0.0f, s1 = 0.0f;
+          for (int64_t k = 0; k < 4; ++k) {
+            const int64_t lo = f + 8 * j + 2 * k + 1, hi = lo - 1;  // low nibble: the odd element
+            const float pl = nibble_value(a.packed, lo, tab), xl = x_at(a, m, lo - row);
+            const float ph = nibble_value(a.packed, hi, tab), xh = x_at(a, m, hi - row);
+            s0 = k == 0 ? pl * xl : std::fma(pl, xl, s0);
+            s1 = k == 0 ? ph * xh : std::fma(ph, xh, s1);
+          }
+          c0[size_t(m * 16 + j)] = std::fma(s0, am, c0[size_t(m * 16 + j)]);
+          c1[size_t(m * 16 + j)] = std::fma(s1, am, c1[size_t(m * 16 + j)]);
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      for (int l = 0; l < 16; ++l) y[size_t(l)] = c0[size_t(m * 16 + l)] + c1[size_t(m * 16 + l)];
+      a.out[m * a.n_out + n] = sum_lanes16(y.data());
+    }
+  }
+}
+
 void gemv_4bit_rows(const Gemv4bitArgs& a, int64_t n0, int64_t n1) {
+  if (a.x_groups != nullptr) {
+    gemv_4bit_group_rows(a, n0, n1);
+    return;
+  }
   const float* tab = table_4bit(a.qt);
   const int64_t K = a.k_in, bs = a.blocksize, M = a.rows;
   std::vector<float> wh(16), wl(16), xh(size_t(M) * 16), xl(size_t(M) * 16), s(size_t(M) * 16), y(size_t(M) * 16);

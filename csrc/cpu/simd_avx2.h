@@ -192,6 +192,13 @@ struct Ops {
     *hi = {lookup16(table, _mm256_srli_epi32(b0, 4)), lookup16(table, _mm256_srli_epi32(b1, 4))};
     *lo = {lookup16(table, b0), lookup16(table, b1)};  // lookup16 reads only the index's low four bits
   }
+  static void l16_decode_dwords(const uint8_t* p, T16 table, L16* lo, L16* hi) {
+    const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+    *lo = {lookup16(table, d0), lookup16(table, d1)};
+    *hi = {lookup16(table, _mm256_srli_epi32(d0, 4)), lookup16(table, _mm256_srli_epi32(d1, 4))};
+  }
+  static L16 l16_halves(float a, float b) { return {_mm256_set1_ps(a), _mm256_set1_ps(b)}; }
 
   static constexpr bool kHasWordLookup = false;  // no cross-lane 16-bit permute in AVX2
 

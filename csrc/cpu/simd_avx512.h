@@ -161,6 +161,15 @@ struct Ops {
     *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
     *lo = _mm512_permutexvar_ps(b, table);  // vpermps reads only the index's low four bits
   }
+  // The 64 bytes at p as 16 dwords (lane j: bytes 4j..4j+3) -> the table values of byte 4j's low nibble
+  // and of its high nibble (Note [4-bit gemv order], groups).
+  static void l16_decode_dwords(const uint8_t* p, T16 table, L16* lo, L16* hi) {
+    const __m512i d = _mm512_loadu_si512(p);
+    *lo = _mm512_permutexvar_ps(d, table);
+    *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table);
+  }
+  // Lanes 0-7 a, lanes 8-15 b.
+  static L16 l16_halves(float a, float b) { return _mm512_mask_broadcastss_ps(_mm512_set1_ps(a), 0xff00, _mm_set_ss(b)); }
 
   // ---- 16-bit table lookups (dequantizing 4-bit codes straight to bf16 / fp16) ----
   static constexpr bool kHasWordLookup = true;
