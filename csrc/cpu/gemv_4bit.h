@@ -51,7 +51,8 @@ struct Gemv4bitArgs {
   int nested_shift;
   float offset;
   int64_t rows;            // M
-  const float* x_even;     // [M][x_stride]: x[m][2j]
+  const float* x;          // [M][k_in]: x in float32
+  const float* x_even;     // [M][x_stride]: x[m][2j] (when the rows are not walked in groups)
   const float* x_odd;      // [M][x_stride]: x[m][2j + 1]
   int64_t x_stride;
   const float* x_groups;   // [M][k_in] in group order (gemv_group_input_index) when gemv_uses_groups()

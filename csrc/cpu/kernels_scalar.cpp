@@ -227,8 +227,8 @@ void gemv_4bit_group_rows(const Gemv4bitArgs& a, int64_t n0, int64_t n1) {
           float s0 = 0.0f, s1 = 0.0f;
           for (int64_t k = 0; k < 4; ++k) {
             const int64_t lo = f + 8 * j + 2 * k + 1, hi = lo - 1;  // low nibble: the odd element
-            const float pl = nibble_value(a.packed, lo, tab), xl = x_at(a, m, lo - row);
-            const float ph = nibble_value(a.packed, hi, tab), xh = x_at(a, m, hi - row);
+            const float pl = nibble_value(a.packed, lo, tab), xl = a.x[m * K + lo - row];
+            const float ph = nibble_value(a.packed, hi, tab), xh = a.x[m * K + hi - row];
             s0 = k == 0 ? pl * xl : std::fma(pl, xl, s0);
             s1 = k == 0 ? ph * xh : std::fma(ph, xh, s1);
           }

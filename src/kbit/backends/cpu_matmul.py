@@ -1,6 +1,6 @@
 """CPU kernel of ``kbit::gemm_4bit``: y = A @ dequantize(B)^T (+ bias) for a 4-bit weight B [N, K].
 
-- Up to GEMV_MAX_ROWS input rows: the fused native kernel (csrc/cpu/gemv4-inl.h) reads each packed
+- Up to cpu_gemv.GEMV_MAX_ROWS input rows: the fused native kernel (csrc/cpu/gemv4-inl.h) reads each packed
   nibble once and never materializes the weight — the memory-bound case, where 4-bit moves ~4x fewer
   bytes than bf16.
 - More rows: the weight is dequantized straight into A's dtype, in row tiles of up to TILE_BYTES, into a
@@ -20,11 +20,11 @@ import torch
 from torch.utils.dlpack import to_dlpack as _dl
 
 from .. import _ops
+from . import cpu_gemv
+from .cpu_gemv import _c
 from .._native import _C
 from .._ops import NESTED_BLOCKSIZE, implements
 
-#: Input rows up to which the fused gemv is used (it handles at most 8; past 4 the tiled GEMM wins here).
-GEMV_MAX_ROWS = 4
 #: Largest tile of dequantized weight, in bytes. Larger tiles run the GEMM faster (measured: a 4096x4096
 #: bf16 weight in one tile beats 1 MiB tiles by 25%); the cap bounds the workspace for huge layers.
 TILE_BYTES = 64 << 20
@@ -39,14 +39,6 @@ def _tile_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
         buf = torch.empty(numel, dtype=dtype)
         _workspace.buf = buf
     return buf[:numel]
-
-_EMPTY = torch.empty(0)
-
-
-def _c(t: torch.Tensor):
-    """DLPack capsule of a contiguous tensor (nanobind's own __dlpack__ call costs ~2 us per tensor)."""
-    return _dl(t.detach().contiguous())
-
 
 def _flat_u8(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().view(-1).view(torch.uint8)
@@ -73,14 +65,9 @@ def gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bi
     threads = torch.get_num_threads()
     if M == 0 or N == 0:
         out = A.new_zeros((M, N))
-    elif M <= GEMV_MAX_ROWS:
-        out = torch.empty((M, N), dtype=A.dtype)
-        if absmax_8bit is not None:
-            _C.gemv_4bit(_c(A2), _c(packed), _c(_EMPTY), _c(absmax_8bit), _c(absmax_code), _c(absmax), NESTED_BLOCKSIZE,
-                         float(absmax_offset), N, K, blocksize, quant_type, _dl(out), threads)
-        else:
-            _C.gemv_4bit(_c(A2), _c(packed), _c(absmax), _c(_EMPTY), _c(_EMPTY), _c(_EMPTY), NESTED_BLOCKSIZE, 0.0, N,
-                         K, blocksize, quant_type, _dl(out), threads)
+    elif M <= cpu_gemv.GEMV_MAX_ROWS:
+        weight = cpu_gemv.prepare(packed, (N, K), blocksize, quant_type, absmax, absmax_8bit, absmax_code, absmax_offset)
+        out = cpu_gemv.run(weight, A2, N, None)
     else:
         if absmax_8bit is None:
             scales = absmax.detach().contiguous()
