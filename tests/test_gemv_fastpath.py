@@ -98,6 +98,16 @@ def test_prepared_weight_reads_the_nested_offset_at_every_call():
     assert_bitwise_equal(matmul_4bit(x, packed, qs), op_output(x, packed, qs, None), "after in-place offset update")
 
 
+def test_non_contiguous_scales_take_the_op():
+    W = torch.randn(16, 128)
+    packed, qs = F.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=False)
+    qs.absmax = torch.stack([qs.absmax, qs.absmax], 1)[:, 0]  # same values, stride 2
+    x = torch.randn(1, 128)
+    before = len(cpu_gemv._prepared)
+    assert_bitwise_equal(matmul_4bit(x, packed, qs), op_output(x, packed, qs, None), "non-contiguous absmax")
+    assert len(cpu_gemv._prepared) == before
+
+
 def test_prepared_weight_dies_with_its_state():
     W = torch.randn(8, 128)
     packed, qs = F.quantize_4bit(W, blocksize=64, quant_type="nf4")

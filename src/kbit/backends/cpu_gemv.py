@@ -84,6 +84,10 @@ def _prepared_for(B: torch.Tensor, qs):
     if qs.nested and qs.state2.blocksize != NESTED_BLOCKSIZE:
         return None
     scales = _scale_args(qs)
+    # The prepared weight must read these tensors' own memory (a contiguous copy would miss later in-place
+    # updates), so anything non-contiguous takes the op, which copies per call.
+    if not B.is_contiguous() or not all(t.is_contiguous() for t in scales.values()):
+        return None
     N, K = qs.shape
     probe = torch.empty((1, K))  # the op's checks, with a stand-in input
     _ops.check_gemm_4bit(probe, B, [N, K], scales["absmax"], qs.blocksize, qs.quant_type, None,
