@@ -375,3 +375,18 @@ def test_training_benchmark_script_runs_from_the_repository():
     result = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_training.py"), "--help"],
                             capture_output=True, text=True)
     assert result.returncode == 0 and "--steps" in result.stdout, result.stderr
+
+
+def test_pretrained_benchmark_reads_real_sentences_without_importing_them():
+    """bench_pretrained.py (BENCHMARKS.md's NF4 vs FP4 table) runs its --help and finds its text offline."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", "bench_pretrained.py")
+    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--sentences" in result.stdout, result.stderr
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_pretrained", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sentences = module.stdlib_sentences(50)
+    assert len(sentences) == 50 and all(len(s.split()) >= 4 and "\n" not in s for s in sentences)
