@@ -24,6 +24,7 @@ import sysconfig
 import torch
 
 import kbit
+from kbit.benchmarks.timing import format_table
 
 
 def stdlib_sentences(limit: int) -> list[str]:
@@ -101,11 +102,7 @@ def main(argv=None) -> None:
           f"docstring lines; every nn.Linear -> Linear4bit (blocksize 64, double quantization)")
     head = ["weights", "mean cosine vs float", "worst cosine", "same nearest neighbour", "pair order agreement",
             "linear weights MiB"]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "|".join("-" * (len(h) + 2) for h in head) + "|")
-    for r in rows:
-        print("| " + " | ".join(c.ljust(len(h)) for c, h in zip(r, head)) + " |")
-
+    print(format_table(head, rows))
 
 if __name__ == "__main__":
     main()
