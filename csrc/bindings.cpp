@@ -74,6 +74,10 @@ std::shared_ptr<const CodeLut> checked_code_lut(const Array& code) {
   return get_code_lut(c);
 }
 
+// Whether the avx512vbmi kernels search this code map with byte planes (Note [gather-free lookups]) rather
+// than falling back to gathers: for tests, which must know which path they exercise.
+bool byte_plane_search_usable(const Array& code) { return checked_code_lut(code)->planes.search_usable; }
+
 void quantize_blockwise(const Array& a, const Array& code, Array& absmax, Array& out, int64_t blocksize, int threads) {
   check_blocksize(blocksize);
   const FloatKind kind = float_kind(a, "A");
@@ -226,7 +230,9 @@ NB_MODULE(_C, m) {
         "blocksize"_a, "quant_type"_a, "threads"_a);
   m.def("dequantize_4bit", &dequantize_4bit, "A"_a.noconvert(), "absmax"_a.noconvert(), "out"_a.noconvert(),
         "blocksize"_a, "quant_type"_a, "threads"_a);
-  m.def("capability", &capability, "The CPU kernel level in use: 'scalar', 'avx2' or 'avx512'.");
+  m.def("byte_plane_search_usable", &byte_plane_search_usable, "code"_a.noconvert(),
+        "Whether the avx512vbmi level searches this 256-entry code map without gathers.");
+  m.def("capability", &capability, "The CPU kernel level in use: 'scalar', 'avx2', 'avx512' or 'avx512vbmi'.");
   m.def("supported_capabilities", &supported_capabilities, "Levels this CPU and OS can run, lowest first.");
   m.def("set_capability", &set_capability, "name"_a, "Use a (lower) kernel level; ValueError if unsupported.");
   m.def("format_tables", &format_tables, "The code tables and layout constants of csrc/formats.h.");

@@ -28,12 +28,35 @@ inline float block_absmax(const T* x, int64_t len) {
 struct LutView {
   const uint32_t* bins = nullptr;
   const float* mids = nullptr;
+  const BytePlanes* planes = nullptr;
   int max_in_bin = 0;
   bool clamp_free = false;
+  bool plane_search = false;  // Ops can search with byte planes and this map's layout fits
   LutView() = default;
   explicit LutView(const CodeLut& l)
-      : bins(l.bins), mids(l.mids), max_in_bin(l.max_in_bin), clamp_free(l.clamp_free) {}
+      : bins(l.bins), mids(l.mids), planes(&l.planes), max_in_bin(l.max_in_bin), clamp_free(l.clamp_free),
+        plane_search(Ops::kBytePlanes && l.planes.search_usable) {}
 };
+
+// Note [gather-free lookups]: the codes of the 64 values v[0, 64) times inv (clamped unless `clamp_free`),
+// for a finite block and a map with lut.plane_search. Ops without byte planes never call it (templates
+// over O, so that their bodies are only compiled for Ops that have byte planes).
+template <class O = Ops>
+inline void quantize64(const float* v, typename O::F inv, bool clamp_free, const LutView& lut, uint8_t* out) {
+  if constexpr (O::kBytePlanes) {
+    typename O::F s[4];
+    for (int r = 0; r < 4; ++r) {
+      s[r] = O::mul(O::load(v + r * O::N), inv);
+      if (!clamp_free) s[r] = O::clamp_unit(s[r]);
+    }
+    O::search64(s, *lut.planes, lut.mids, out);
+  }
+}
+// code[codes[i]] for i in [0, 64) as four vectors (Ops::lookup64).
+template <class O>
+inline void lookup64(const uint8_t* codes, const BytePlanes& planes, typename O::F* out) {
+  O::lookup64(codes, planes, out);
+}
 
 // The bin lookup and first compare round of Note [8-bit code search] for Ops::N non-NaN values: the exact
 // codes when the map has at most one midpoint per bin.
@@ -80,6 +103,15 @@ void quantize_blockwise(const T* x, int64_t n, int64_t blocksize, const CodeLut*
       const LutView view(*lut);
       const bool finite = finite_absmax(amax);
       int64_t i = 0;
+      if constexpr (Ops::kBytePlanes) {
+        if (finite && view.plane_search) {
+          alignas(64) float v[64];
+          for (; i + 64 <= len; i += 64) {
+            for (int r = 0; r < 4; ++r) Ops::store(v + r * Ops::N, Ops::load(xb + i + r * Ops::N));
+            quantize64(v, vinv, false, view, qb + i);
+          }
+        }
+      }
       for (; i + Ops::N <= len; i += Ops::N) {
         const typename Ops::F s = Ops::clamp_unit(Ops::mul(Ops::load(xb + i), vinv));
         Ops::store_u8(qb + i, code_indices(s, view, finite));
@@ -93,6 +125,11 @@ template <class T>
 void dequantize_blockwise(const uint8_t* codes, int64_t n, int64_t blocksize, const float* code,
                           const float* absmax, T* out, int threads) {
   const int64_t nblocks = ceil_div(n, blocksize);
+  [[maybe_unused]] BytePlanes planes;  // Note [gather-free lookups]; building them costs ~1 us
+  constexpr int64_t kPlanesMinElements = 1 << 14;
+  const bool use_planes = Ops::kBytePlanes && n >= kPlanesMinElements;
+  if constexpr (Ops::kBytePlanes)
+    if (use_planes) build_byte_plane_lookup(code, &planes);
   parallel_for_blocks(nblocks, blocksize, threads, [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
       const int64_t start = b * blocksize;
@@ -102,6 +139,15 @@ void dequantize_blockwise(const uint8_t* codes, int64_t n, int64_t blocksize, co
       const float scale = absmax[b];
       const typename Ops::F vscale = Ops::set1(scale);
       int64_t i = 0;
+      if constexpr (Ops::kBytePlanes) {
+        if (use_planes) {
+          for (; i + 64 <= len; i += 64) {
+            typename Ops::F v[4];
+            lookup64<Ops>(qb + i, planes, v);
+            for (int r = 0; r < 4; ++r) Ops::store(ob + i + r * Ops::N, Ops::mul(v[r], vscale));
+          }
+        }
+      }
       for (; i + Ops::N <= len; i += Ops::N) Ops::store(ob + i, Ops::mul(Ops::gather(code, Ops::load_u8(qb + i)), vscale));
       for (; i < len; ++i) from_f32(code[qb[i]] * scale, ob + i);
     }

@@ -40,6 +40,7 @@ std::shared_ptr<CodeLut> build(const float* code) {
     const int inside = int(count[bin + 1]) - int(count[bin]);
     if (inside > lut->max_in_bin) lut->max_in_bin = inside;
   }
+  build_byte_planes(lut->code, lut->mids, &lut->planes);
   return lut;
 }
 

@@ -20,6 +20,8 @@
 #include <cstdint>
 #include <memory>
 
+#include "byte_planes.h"
+
 namespace kbit {
 
 inline constexpr int kLutBins = 1 << 16;
@@ -33,6 +35,7 @@ struct CodeLut {
   // above 1. (x * block_reciprocal(absmax) can exceed 1 by a few ulps when the reciprocal is subnormal.)
   bool clamp_free;
   int max_in_bin;
+  BytePlanes planes;  // Note [gather-free lookups]: for the AVX-512 VBMI kernels
 };
 
 namespace {  // Note [one definition per ISA]

@@ -15,7 +15,8 @@ namespace {
 
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;
-  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false, avx512vbmi = false;
+  bool amd = false;
   bool os_ymm = false, os_zmm = false;
 };
 
@@ -31,6 +32,8 @@ CpuFeatures detect() {
   CpuFeatures f;
 #ifdef KBIT_X86
   unsigned a, b, c, d;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return f;
+  f.amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;  // "AuthenticAMD"
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
   const bool osxsave = c & (1u << 27);
   f.fma = c & (1u << 12);
@@ -48,6 +51,7 @@ CpuFeatures detect() {
     f.avx512dq = b & (1u << 17);
     f.avx512bw = b & (1u << 30);
     f.avx512vl = b & (1u << 31);
+    f.avx512vbmi = c & (1u << 1);
   }
 #endif
   return f;
@@ -55,10 +59,7 @@ CpuFeatures detect() {
 
 std::atomic<int> g_level{-1};
 
-CpuLevel best_level() {
-  const std::vector<CpuLevel> levels = supported_levels();
-  return levels.back();
-}
+CpuLevel best_level() { return default_level(); }
 
 CpuLevel initial_level() {
   const char* env = std::getenv("KBIT_CPU_CAPABILITY");
@@ -84,10 +85,22 @@ std::vector<CpuLevel> supported_levels() {
     if (v.back() == CpuLevel::kAvx2 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.os_zmm)
       v.push_back(CpuLevel::kAvx512);
 #endif
+#ifdef KBIT_HAVE_AVX512VBMI
+    if (v.back() == CpuLevel::kAvx512 && f.avx512vbmi) v.push_back(CpuLevel::kAvx512Vbmi);
+#endif
     (void)f;
     return v;
   }();
   return levels;
+}
+
+CpuLevel default_level() {
+  static const CpuLevel level = [] {
+    const std::vector<CpuLevel> levels = supported_levels();
+    if (levels.back() == CpuLevel::kAvx512Vbmi && !detect().amd) return CpuLevel::kAvx512;
+    return levels.back();
+  }();
+  return level;
 }
 
 const char* level_name(CpuLevel level) {
@@ -95,6 +108,7 @@ const char* level_name(CpuLevel level) {
     case CpuLevel::kScalar: return "scalar";
     case CpuLevel::kAvx2: return "avx2";
     case CpuLevel::kAvx512: return "avx512";
+    case CpuLevel::kAvx512Vbmi: return "avx512vbmi";
   }
   return "?";
 }
@@ -103,7 +117,8 @@ CpuLevel parse_level(const std::string& name) {
   if (name == "scalar") return CpuLevel::kScalar;
   if (name == "avx2") return CpuLevel::kAvx2;
   if (name == "avx512") return CpuLevel::kAvx512;
-  throw std::invalid_argument("unknown CPU capability '" + name + "': choose one of scalar, avx2, avx512");
+  if (name == "avx512vbmi") return CpuLevel::kAvx512Vbmi;
+  throw std::invalid_argument("unknown CPU capability '" + name + "': choose one of scalar, avx2, avx512, avx512vbmi");
 }
 
 CpuLevel active_level() {
@@ -130,6 +145,9 @@ void set_active_level(CpuLevel level) {
 
 const KernelTable& active_kernels() {
   switch (active_level()) {
+#ifdef KBIT_HAVE_AVX512VBMI
+    case CpuLevel::kAvx512Vbmi: return kAvx512VbmiKernels;
+#endif
 #ifdef KBIT_HAVE_AVX512
     case CpuLevel::kAvx512: return kAvx512Kernels;
 #endif

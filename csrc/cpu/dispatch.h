@@ -8,12 +8,16 @@
 
 namespace kbit {
 
-enum class CpuLevel : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum class CpuLevel : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vbmi = 3 };
 
 // Levels this CPU and OS can run, lowest first (scalar always).
 std::vector<CpuLevel> supported_levels();
+// The level used unless KBIT_CPU_CAPABILITY or set_active_level() says otherwise: the highest supported,
+// except that avx512vbmi is preferred only on AMD CPUs (Note [gather-free lookups] in byte_planes.h: it
+// trades gathers, slow on Zen 4, for byte permutes, which Intel cores run on a single port).
+CpuLevel default_level();
 const char* level_name(CpuLevel level);
-// Parses "scalar" / "avx2" / "avx512"; throws std::invalid_argument naming the valid choices.
+// Parses "scalar" / "avx2" / "avx512" / "avx512vbmi"; throws std::invalid_argument naming the valid choices.
 CpuLevel parse_level(const std::string& name);
 
 // The table in use. Initially the best supported level, or KBIT_CPU_CAPABILITY if that is set (it may

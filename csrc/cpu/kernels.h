@@ -67,6 +67,7 @@ struct KernelTable {
 extern const KernelTable kScalarKernels;
 extern const KernelTable kAvx2Kernels;
 extern const KernelTable kAvx512Kernels;
+extern const KernelTable kAvx512VbmiKernels;
 
 // Fills a KernelTable from the templates of namespace NS (one line per unit, same order as above).
 #define KBIT_KERNEL_TABLE(NS, NAME)                                                                          \

@@ -11,6 +11,9 @@
 
 namespace kbit {
 namespace avx512 {
+struct Ops : Avx512Ops {
+  static constexpr bool kBytePlanes = false;  // Note [gather-free lookups]: the avx512vbmi level has them
+};
 #include "blockwise-inl.h"
 #include "fourbit-inl.h"
 #include "optim-inl.h"

@@ -130,7 +130,30 @@ struct OptimBlocks {
     // The dequantized states of the next vector are looked up one iteration ahead, so the lookups'
     // latency (a gather) overlaps this vector's update.
     F next[3];
+    // With byte planes (Note [gather-free lookups]) each 64-element chunk is looked up when its first
+    // vector is due, into one half of a ring the vector loop reads.
+    constexpr bool kPlanes = Ops::kBytePlanes && !kFourBit;
+    [[maybe_unused]] alignas(64) float ring[3][2][64];
+    [[maybe_unused]] const BytePlanes* planes[3];
+    if constexpr (kPlanes)
+      for (int k = 0; k < Rule::kStates; ++k) planes[k] = &c.luts[k]->planes;
+    const int64_t planes_end = kPlanes ? len / 64 * 64 : 0;
     auto dequantize = [&](int64_t at) {
+      if constexpr (kPlanes) {
+        if (at < planes_end) {
+          float* half[3];
+          for (int k = 0; k < Rule::kStates; ++k) half[k] = ring[k][(at / 64) & 1];
+          if (at % 64 == 0) {
+            for (int k = 0; k < Rule::kStates; ++k) {
+              F v[4];
+              lookup64<Ops>(code_in[k] + at, *planes[k], v);
+              for (int r = 0; r < 4; ++r) Ops::store(half[k] + r * Ops::N, Ops::mul(v[r], scale[k]));
+            }
+          }
+          for (int k = 0; k < Rule::kStates; ++k) next[k] = Ops::load(half[k] + at % 64);
+          return;
+        }
+      }
       for (int k = 0; k < Rule::kStates; ++k) {
         const typename Ops::I idx = Ops::load_u8(code_in[k] + at);
         next[k] = Ops::mul(kFourBit ? Ops::lookup16(table[k], idx) : Ops::gather(map[k], idx), scale[k]);
@@ -192,7 +215,7 @@ struct OptimBlocks {
       }
       prefetch_block<Rule, T>(t, start + kPrefetchBlocks * c.blocksize, c.blocksize);
       float (*cur)[kMaxFusedBlock] = buf[b & 1];
-      if (kPipelineRequant<Rule> && pending_len == len && len % Ops::N == 0 && pending.all_one_round<Rule::kStates>()) {
+      if (kPipelineRequant<Rule> && pending_len == len && pending.pipelinable<Rule::kStates>(len)) {
         update_span<Rule, T, false, PendingBlock>(c, t, r, start, len, codes, qmap, am, cur, max_bits, &pending);
       } else {
         if (pending_len > 0) pending.quantize_all<Rule::kStates>(pending_len);

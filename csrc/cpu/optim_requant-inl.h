@@ -6,6 +6,8 @@
 inline void quantize_values(const float* v, int64_t len, float inv, bool finite, const LutView lut, uint8_t* codes) {
   const typename Ops::F vinv = Ops::set1(inv);
   int64_t j = 0;
+  if (finite && lut.plane_search)
+    for (; j + 64 <= len; j += 64) quantize64(v + j, vinv, false, lut, codes + j);
   for (; j + Ops::N <= len; j += Ops::N)
     Ops::store_u8(codes + j, code_indices(Ops::clamp_unit(Ops::mul(Ops::load(v + j), vinv)), lut, finite));
   for (; j < len; ++j) codes[j] = nearest_code_index(scale_and_clamp(v[j], inv), lut.mids);
@@ -26,6 +28,7 @@ struct PendingBlock {
   typename Ops::F inv[3];  // Note [scaling rule]
   float inv_scalar[3];
   bool one_round[3];  // the search is code_first_round() alone
+  bool planes[3];     // the search is quantize64() (Note [gather-free lookups]), 64 values at a time
   bool finite[3];
   uint8_t* codes[3];
   LutView lut[3];
@@ -38,20 +41,30 @@ struct PendingBlock {
     // The clamp is skipped for maps whose search needs none (CodeLut::clamp_free); a non-finite block
     // takes the general search, which masks NaN.
     one_round[k] = finite[k] && lut[k].max_in_bin <= 1 && lut[k].clamp_free;
+    planes[k] = finite[k] && lut[k].plane_search;
     codes[k] = out;
   }
   // Codes of state k's values [i, i + Ops::N) when one_round[k].
   void quantize_vector_one_round(int k, int64_t i) const {
     Ops::store_u8(codes[k] + i, code_first_round(Ops::mul(Ops::load(values[k] + i), inv[k]), lut[k].bins));
   }
+  void quantize_chunk64(int k, int64_t i) const { quantize64(values[k] + i, inv[k], lut[k].clamp_free, lut[k], codes[k] + i); }
   template <int kStates>
   void step(int64_t i) const {
-    for (int k = 0; k < kStates; ++k) quantize_vector_one_round(k, i);
+    for (int k = 0; k < kStates; ++k) {
+      if (planes[k]) {
+        if ((i + Ops::N) % 64 == 0) quantize_chunk64(k, i + Ops::N - 64);
+      } else {
+        quantize_vector_one_round(k, i);
+      }
+    }
   }
+  // Whether step() can requantize a whole block of `len` values as update_span goes.
   template <int kStates>
-  bool all_one_round() const {
+  bool pipelinable(int64_t len) const {
+    if (len % Ops::N != 0) return false;
     for (int k = 0; k < kStates; ++k)
-      if (!one_round[k]) return false;
+      if (planes[k] ? len % 64 != 0 : !one_round[k]) return false;
     return true;
   }
   template <int kStates>
@@ -63,6 +76,8 @@ struct PendingBlock {
         continue;
       }
       int64_t j = 0;
+      if (local.planes[k])
+        for (; j + 64 <= len; j += 64) local.quantize_chunk64(k, j);
       for (; j + Ops::N <= len; j += Ops::N) local.quantize_vector_one_round(k, j);
       for (; j < len; ++j)
         local.codes[k][j] = nearest_code_index(scale_and_clamp(local.values[k][j], local.inv_scalar[k]), local.lut[k].mids);

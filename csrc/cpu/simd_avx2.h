@@ -10,6 +10,7 @@ namespace kbit {
 namespace avx2 {
 
 struct Ops {
+  static constexpr bool kBytePlanes = false;  // Note [gather-free lookups]: AVX-512 VBMI only
   static constexpr int N = 8;  // float32 lanes
   using F = __m256;
   using I = __m256i;

@@ -1,15 +1,21 @@
 // simd_avx512.h — the vector operations the kernel templates (*-inl.h) use, for AVX-512 F/BW/VL.
-// Include only from kernels_avx512.cpp, the one unit built with AVX-512 flags.
+// Include only from the units built with AVX-512 flags: kernels_avx512.cpp, and kernels_avx512vbmi.cpp,
+// which defines KBIT_AVX512_NAMESPACE first so its copy (built with VBMI enabled) has its own names.
+// Each unit then defines `Ops` from Avx512Ops.
 #pragma once
 
 #include <immintrin.h>
 
 #include "scalar_ops.h"
 
-namespace kbit {
-namespace avx512 {
+#ifndef KBIT_AVX512_NAMESPACE
+#define KBIT_AVX512_NAMESPACE avx512
+#endif
 
-struct Ops {
+namespace kbit {
+namespace KBIT_AVX512_NAMESPACE {
+
+struct Avx512Ops {
   static constexpr int N = 16;  // float32 lanes
   using F = __m512;
   using I = __m512i;
@@ -214,5 +220,5 @@ struct Ops {
   }
 };
 
-}  // namespace avx512
+}  // namespace KBIT_AVX512_NAMESPACE
 }  // namespace kbit

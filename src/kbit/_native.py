@@ -27,9 +27,9 @@ __all__ = ["get_cpu_capability", "supported_cpu_capabilities", "set_cpu_capabili
 
 
 def get_cpu_capability() -> str:
-    """The CPU kernel level in use: ``"scalar"``, ``"avx2"`` or ``"avx512"``.
+    """The CPU kernel level in use: ``"scalar"``, ``"avx2"``, ``"avx512"`` or ``"avx512vbmi"``.
 
-    It is the best level this CPU and OS support, unless the environment variable
+    It is the best level this CPU and OS support (``"avx512vbmi"`` only on AMD CPUs), unless the environment variable
     ``KBIT_CPU_CAPABILITY`` (read once, at first use) or :func:`set_cpu_capability` chose a lower one.
     """
     return _C.capability()

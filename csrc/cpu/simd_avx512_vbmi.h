@@ -1,0 +1,103 @@
+// simd_avx512_vbmi.h — the avx512vbmi level's Ops: every AVX-512 operation plus the gather-free 64-lane
+// code lookups and searches of Note [gather-free lookups] (byte_planes.h), built on AVX512-VBMI byte
+// permutes. Include only from kernels_avx512vbmi.cpp, after simd_avx512.h.
+#pragma once
+
+#include <immintrin.h>
+
+#include "byte_planes.h"
+#include "scalar_ops.h"
+
+namespace kbit {
+namespace KBIT_AVX512_NAMESPACE {
+
+struct Ops : Avx512Ops {
+  static constexpr bool kBytePlanes = true;
+  static constexpr int kPlaneLanes = 64;  // codes per lookup64 / search64
+
+  // 64 byte lanes of a 256-entry byte table: two 128-byte permutes, chosen by the index's top bit.
+  static __m512i lookup256_u8(const uint8_t* table, __m512i idx, __mmask64 top) {
+    const __m512i* t = reinterpret_cast<const __m512i*>(table);
+    const __m512i lo = _mm512_permutex2var_epi8(_mm512_loadu_si512(t), idx, _mm512_loadu_si512(t + 1));
+    const __m512i hi = _mm512_permutex2var_epi8(_mm512_loadu_si512(t + 2), idx, _mm512_loadu_si512(t + 3));
+    return _mm512_mask_blend_epi8(top, lo, hi);
+  }
+
+  // The byte order that makes the unpacks below produce floats in element order: unpacking four byte
+  // planes puts byte lane 16q + 4r + n into float lane 4q + n of vector r, so lane 16q + 4r + n must
+  // hold element 16r + 4q + n.
+  static __m512i plane_order() {
+    alignas(64) static const uint8_t order[64] = {0, 1, 2, 3, 16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51, 4, 5, 6, 7, 20, 21, 22, 23, 36, 37, 38, 39, 52, 53, 54, 55, 8, 9, 10, 11, 24, 25, 26, 27, 40, 41, 42, 43, 56, 57, 58, 59, 12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
+    return _mm512_load_si512(order);
+  }
+
+  // code[codes[i]] for i in [0, 64), as four vectors of 16 floats in element order.
+  static void lookup64(const uint8_t* codes, const BytePlanes& t, __m512 out[4]) {
+    const __m512i idx = _mm512_permutexvar_epi8(plane_order(), _mm512_loadu_si512(codes));
+    const __mmask64 top = _mm512_movepi8_mask(idx);
+    const __m512i b0 = lookup256_u8(t.planes[0], idx, top), b1 = lookup256_u8(t.planes[1], idx, top);
+    const __m512i b2 = lookup256_u8(t.planes[2], idx, top), b3 = lookup256_u8(t.planes[3], idx, top);
+    const __m512i w01_lo = _mm512_unpacklo_epi8(b0, b1), w01_hi = _mm512_unpackhi_epi8(b0, b1);
+    const __m512i w23_lo = _mm512_unpacklo_epi8(b2, b3), w23_hi = _mm512_unpackhi_epi8(b2, b3);
+    out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01_lo, w23_lo));
+    out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01_lo, w23_lo));
+    out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01_hi, w23_hi));
+    out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01_hi, w23_hi));
+  }
+
+  // The 16-bit positions x of 16 values (byte_plane_position).
+  static __m512i plane_position(__m512 s, __m512i shift_lo, __m512i shift_hi, __m512i off_lo, __m512i off_hi) {
+    const __m512i u = _mm512_castps_si512(s);
+    const __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+    // e - kPlaneMinExponent modulo 32 is the binade: the permutes read only the index's low five bits.
+    const __m512i e = _mm512_max_epu32(_mm512_srli_epi32(a, 23), _mm512_set1_epi32(int(kPlaneMinExponent)));
+    const __m512i sh = _mm512_permutex2var_epi32(shift_lo, e, shift_hi);
+    const __m512i off = _mm512_permutex2var_epi32(off_lo, e, off_hi);
+    const __m512i x = _mm512_add_epi32(_mm512_srlv_epi32(a, sh), off);
+    // x ^ (sign smeared & 0xffff): truth table of A ^ (B & C) is 0x78.
+    return _mm512_ternarylogic_epi32(x, _mm512_srai_epi32(u, 31), _mm512_set1_epi32(0xffff), 0x78);
+  }
+
+  // Byte 1 of every dword of a and b in bytes 0-31, byte 0 in bytes 32-63 (a's lanes first).
+  static __m512i split_positions(__m512i a, __m512i b) {
+    alignas(64) static const uint8_t pick[64] = {
+        1,  5,  9,  13, 17, 21, 25, 29, 33, 37, 41, 45, 49, 53, 57, 61,  65,  69,  73,  77,  81,  85,
+        89, 93, 97, 101, 105, 109, 113, 117, 121, 125, 0,  4,  8,  12, 16, 20, 24, 28, 32, 36, 40, 44,
+        48, 52, 56, 60, 64, 68, 72, 76, 80, 84, 88, 92, 96, 100, 104, 108, 112, 116, 120, 124};
+    return _mm512_permutex2var_epi8(a, _mm512_load_si512(pick), b);
+  }
+
+  // Exact nearest codes of 64 scaled values s[0..3] (|s| < 2, none NaN) into out[0, 64), Note [gather-free
+  // lookups]: the byte-plane search, then the reference search for the rare ambiguous lanes.
+  static void search64(const __m512 s_in[4], const BytePlanes& t, const float* mids, uint8_t* out) {
+    __m512 s[4];
+    for (int r = 0; r < 4; ++r) s[r] = t.positive_only ? _mm512_max_ps(s_in[r], _mm512_setzero_ps()) : s_in[r];
+    const __m512i shift_lo = _mm512_loadu_si512(t.shift), shift_hi = _mm512_loadu_si512(t.shift + 16);
+    const __m512i off_lo = _mm512_loadu_si512(t.offset), off_hi = _mm512_loadu_si512(t.offset + 16);
+    const __m512i x01 = split_positions(plane_position(s[0], shift_lo, shift_hi, off_lo, off_hi),
+                                        plane_position(s[1], shift_lo, shift_hi, off_lo, off_hi));
+    const __m512i x23 = split_positions(plane_position(s[2], shift_lo, shift_hi, off_lo, off_hi),
+                                        plane_position(s[3], shift_lo, shift_hi, off_lo, off_hi));
+    const __m512i sub = _mm512_shuffle_i64x2(x01, x23, 0x44);  // 128-bit lanes 0, 1 of each
+    const __m512i p8 = _mm512_min_epu8(_mm512_shuffle_i64x2(x01, x23, 0xee), _mm512_set1_epi8(char(254)));
+    const __mmask64 top = _mm512_movepi8_mask(sub);
+    __m512i code = lookup256_u8(t.count, sub, top);
+    const __m512i lo = lookup256_u8(t.thr_lo, sub, top), hi = lookup256_u8(t.thr_hi, sub, top);
+    const __m512i one = _mm512_set1_epi8(1);
+    code = _mm512_mask_add_epi8(code, _mm512_cmpgt_epu8_mask(p8, lo), code, one);
+    code = _mm512_mask_add_epi8(code, _mm512_cmpgt_epu8_mask(p8, hi), code, one);
+    _mm512_storeu_si512(out, code);
+    uint64_t ambiguous = _mm512_cmpeq_epu8_mask(p8, lo) | _mm512_cmpeq_epu8_mask(p8, hi);
+    if (__builtin_expect(ambiguous != 0, 0)) {
+      alignas(64) float values[64];
+      for (int r = 0; r < 4; ++r) _mm512_store_ps(values + 16 * r, s_in[r]);
+      for (; ambiguous != 0; ambiguous &= ambiguous - 1) {
+        const int lane = __builtin_ctzll(ambiguous);
+        out[lane] = nearest_code_index(values[lane], mids);
+      }
+    }
+  }
+};
+
+}  // namespace KBIT_AVX512_NAMESPACE
+}  // namespace kbit
