@@ -42,7 +42,7 @@ struct LutView {
 // for a finite block and a map with lut.plane_search. Ops without byte planes never call it (templates
 // over O, so that their bodies are only compiled for Ops that have byte planes).
 template <class O = Ops>
-inline void quantize64(const float* v, typename O::F inv, bool clamp_free, const LutView& lut, uint8_t* out) {
+KBIT_ALWAYS_INLINE void quantize64(const float* v, typename O::F inv, bool clamp_free, const LutView& lut, uint8_t* out) {
   if constexpr (O::kBytePlanes) {
     typename O::F s[4];
     for (int r = 0; r < 4; ++r) {
@@ -54,7 +54,7 @@ inline void quantize64(const float* v, typename O::F inv, bool clamp_free, const
 }
 // code[codes[i]] for i in [0, 64) as four vectors (Ops::lookup64).
 template <class O>
-inline void lookup64(const uint8_t* codes, const BytePlanes& planes, typename O::F* out) {
+KBIT_ALWAYS_INLINE void lookup64(const uint8_t* codes, const BytePlanes& planes, typename O::F* out) {
   O::lookup64(codes, planes, out);
 }
 

@@ -50,7 +50,7 @@ struct OptimBlocks {
 
   // Vector form of step_element(): gnorm scaling, the rule, p -= k u, skip_zeros. Returns u (0 where skipped).
   template <class Rule>
-  static F step_vector(const Rule& r, const StepScalars& sc, bool skip_zeros, F& p, F g, F* s) {
+  static KBIT_ALWAYS_INLINE F step_vector(const Rule& r, const StepScalars& sc, bool skip_zeros, F& p, F g, F* s) {
     g = Ops::mul(g, Ops::set1(sc.gnorm_scale));
     const F p_old = p;
     F s_old[3];

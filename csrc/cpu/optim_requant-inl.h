@@ -48,9 +48,9 @@ struct PendingBlock {
   void quantize_vector_one_round(int k, int64_t i) const {
     Ops::store_u8(codes[k] + i, code_first_round(Ops::mul(Ops::load(values[k] + i), inv[k]), lut[k].bins));
   }
-  void quantize_chunk64(int k, int64_t i) const { quantize64(values[k] + i, inv[k], lut[k].clamp_free, lut[k], codes[k] + i); }
+  KBIT_ALWAYS_INLINE void quantize_chunk64(int k, int64_t i) const { quantize64(values[k] + i, inv[k], lut[k].clamp_free, lut[k], codes[k] + i); }
   template <int kStates>
-  void step(int64_t i) const {
+  KBIT_ALWAYS_INLINE void step(int64_t i) const {
     for (int k = 0; k < kStates; ++k) {
       if (planes[k]) {
         if ((i + Ops::N) % 64 == 0) quantize_chunk64(k, i + Ops::N - 64);

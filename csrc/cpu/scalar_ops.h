@@ -12,6 +12,11 @@
 
 #include "../formats.h"
 
+// Forces inlining of the small vector helpers the hot loops call: GCC otherwise may keep them as calls
+// once a loop body grows, and every __m512 argument then goes through the stack (AdamW8bit's
+// step_vector and the byte-plane search were calls, by perf, at the avx512vbmi level).
+#define KBIT_ALWAYS_INLINE inline __attribute__((always_inline))
+
 namespace kbit {
 
 // Storage types of 16-bit floats (bit patterns; all math happens in float32).

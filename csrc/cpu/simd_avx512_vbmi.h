@@ -16,7 +16,7 @@ struct Ops : Avx512Ops {
   static constexpr int kPlaneLanes = 64;  // codes per lookup64 / search64
 
   // 64 byte lanes of a 256-entry byte table: two 128-byte permutes, chosen by the index's top bit.
-  static __m512i lookup256_u8(const uint8_t* table, __m512i idx, __mmask64 top) {
+  static KBIT_ALWAYS_INLINE __m512i lookup256_u8(const uint8_t* table, __m512i idx, __mmask64 top) {
     const __m512i* t = reinterpret_cast<const __m512i*>(table);
     const __m512i lo = _mm512_permutex2var_epi8(_mm512_loadu_si512(t), idx, _mm512_loadu_si512(t + 1));
     const __m512i hi = _mm512_permutex2var_epi8(_mm512_loadu_si512(t + 2), idx, _mm512_loadu_si512(t + 3));
@@ -26,13 +26,13 @@ struct Ops : Avx512Ops {
   // The byte order that makes the unpacks below produce floats in element order: unpacking four byte
   // planes puts byte lane 16q + 4r + n into float lane 4q + n of vector r, so lane 16q + 4r + n must
   // hold element 16r + 4q + n.
-  static __m512i plane_order() {
+  static KBIT_ALWAYS_INLINE __m512i plane_order() {
     alignas(64) static const uint8_t order[64] = {0, 1, 2, 3, 16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51, 4, 5, 6, 7, 20, 21, 22, 23, 36, 37, 38, 39, 52, 53, 54, 55, 8, 9, 10, 11, 24, 25, 26, 27, 40, 41, 42, 43, 56, 57, 58, 59, 12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
     return _mm512_load_si512(order);
   }
 
   // code[codes[i]] for i in [0, 64), as four vectors of 16 floats in element order.
-  static void lookup64(const uint8_t* codes, const BytePlanes& t, __m512 out[4]) {
+  static KBIT_ALWAYS_INLINE void lookup64(const uint8_t* codes, const BytePlanes& t, __m512 out[4]) {
     const __m512i idx = _mm512_permutexvar_epi8(plane_order(), _mm512_loadu_si512(codes));
     const __mmask64 top = _mm512_movepi8_mask(idx);
     const __m512i b0 = lookup256_u8(t.planes[0], idx, top), b1 = lookup256_u8(t.planes[1], idx, top);
@@ -46,7 +46,7 @@ struct Ops : Avx512Ops {
   }
 
   // The 16-bit positions x of 16 values (byte_plane_position).
-  static __m512i plane_position(__m512 s, __m512i shift_lo, __m512i shift_hi, __m512i off_lo, __m512i off_hi) {
+  static KBIT_ALWAYS_INLINE __m512i plane_position(__m512 s, __m512i shift_lo, __m512i shift_hi, __m512i off_lo, __m512i off_hi) {
     const __m512i u = _mm512_castps_si512(s);
     const __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
     // e - kPlaneMinExponent modulo 32 is the binade: the permutes read only the index's low five bits.
@@ -59,7 +59,7 @@ struct Ops : Avx512Ops {
   }
 
   // Byte 1 of every dword of a and b in bytes 0-31, byte 0 in bytes 32-63 (a's lanes first).
-  static __m512i split_positions(__m512i a, __m512i b) {
+  static KBIT_ALWAYS_INLINE __m512i split_positions(__m512i a, __m512i b) {
     alignas(64) static const uint8_t pick[64] = {
         1,  5,  9,  13, 17, 21, 25, 29, 33, 37, 41, 45, 49, 53, 57, 61,  65,  69,  73,  77,  81,  85,
         89, 93, 97, 101, 105, 109, 113, 117, 121, 125, 0,  4,  8,  12, 16, 20, 24, 28, 32, 36, 40, 44,
@@ -69,7 +69,7 @@ struct Ops : Avx512Ops {
 
   // Exact nearest codes of 64 scaled values s[0..3] (|s| < 2, none NaN) into out[0, 64), Note [gather-free
   // lookups]: the byte-plane search, then the reference search for the rare ambiguous lanes.
-  static void search64(const __m512 s_in[4], const BytePlanes& t, const float* mids, uint8_t* out) {
+  static KBIT_ALWAYS_INLINE void search64(const __m512 s_in[4], const BytePlanes& t, const float* mids, uint8_t* out) {
     __m512 s[4];
     for (int r = 0; r < 4; ++r) s[r] = t.positive_only ? _mm512_max_ps(s_in[r], _mm512_setzero_ps()) : s_in[r];
     const __m512i shift_lo = _mm512_loadu_si512(t.shift), shift_hi = _mm512_loadu_si512(t.shift + 16);
