@@ -61,8 +61,7 @@ inline uint32_t byte_plane_position(const BytePlanes& t, uint32_t bits) {
   uint32_t e = a >> 23;
   if (e < kPlaneMinExponent) e = kPlaneMinExponent;
   const uint32_t j = (e - kPlaneMinExponent) & uint32_t(kPlaneBinades - 1);
-  const uint32_t sh = uint32_t(t.shift[j]);
-  uint32_t x = (sh >= 32 ? 0u : (a >> sh)) + uint32_t(t.offset[j]);
+  uint32_t x = (a >> t.shift[j]) + uint32_t(t.offset[j]);  // shift <= 31; a < 2^31, so a >> 31 = 0
   if (bits & 0x80000000u) x ^= 0xffffu;
   return x;
 }

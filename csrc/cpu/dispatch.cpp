@@ -59,17 +59,15 @@ CpuFeatures detect() {
 
 std::atomic<int> g_level{-1};
 
-CpuLevel best_level() { return default_level(); }
-
 CpuLevel initial_level() {
   const char* env = std::getenv("KBIT_CPU_CAPABILITY");
-  if (env == nullptr || *env == '\0') return best_level();
+  if (env == nullptr || *env == '\0') return default_level();
   const CpuLevel wanted = parse_level(env);
   for (CpuLevel l : supported_levels())
     if (l == wanted) return wanted;
   throw std::invalid_argument(std::string("KBIT_CPU_CAPABILITY=") + env +
                               " is not supported by this CPU/OS; the best available is '" +
-                              level_name(best_level()) + "'. Unset it or choose a lower level.");
+                              level_name(default_level()) + "'. Unset it or choose a lower level.");
 }
 
 }  // namespace
@@ -140,7 +138,7 @@ void set_active_level(CpuLevel level) {
     }
   }
   throw std::invalid_argument(std::string("CPU capability '") + level_name(level) +
-                              "' is not supported here; the best available is '" + level_name(best_level()) + "'");
+                              "' is not supported here; the best available is '" + level_name(default_level()) + "'");
 }
 
 const KernelTable& active_kernels() {
