@@ -62,6 +62,10 @@ bool build_search(const float* mids, BytePlanes* t) {
     if (used > max_sub_bins) return false;
   }
   if (used > max_sub_bins) return false;
+  for (int j = 0; j < kPlaneBinades; ++j) {
+    if ((uint32_t(t->offset[j]) & 0xffu) != 0) return false;  // sub-bins start on multiples of 256
+    t->shift_offset[j] = uint32_t(t->offset[j]) | uint32_t(t->shift[j]);
+  }
   // The lowest value of every sub-bin, in s order, gives its count: no in-bin midpoint is below it.
   std::memset(t->count, 0, sizeof t->count);
   for (int j = 0; j < kPlaneBinades; ++j) {

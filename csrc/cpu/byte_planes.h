@@ -19,12 +19,17 @@
 //   code(s) = count[sub] + (p8' > thr_lo[sub]) + (p8' > thr_hi[sub]),  p8' = min(p8, 254),
 // where count[sub] is the number of midpoints below the whole sub-bin, and thr_lo/hi are the in-bin
 // midpoints' own min(p8, 254) (255: none). When p8' equals an in-bin threshold's the order is not decided
-// by 8 bits: that lane is ambiguous and takes the reference search (scalar_ops.h nearest_code_index).
+// by 8 bits: that lane is ambiguous and is compared with its sub-bin's midpoints themselves, mids[count]
+// and mids[count + 1] (those are the only midpoints the sub-bin can hold; the second may be the +inf
+// sentinel), which gives what the reference search (scalar_ops.h nearest_code_index) gives.
 // Clamping p8 at 254 keeps a sentinel 255 that no lane equals, and a threshold at 254 or 255 makes both
 // positions ambiguous, so "greater" stays exact. Ambiguous lanes are ~1/128 per in-bin threshold.
 // Maps whose midpoints are all positive (the unsigned dynamic map of Adam's second state) search
 // max(s, +0) instead: every negative value and -0 has code 0 like +0, nothing is mirrored, and positive
 // sub-bins may use all 256 numbers.
+// The vector search reads shift and offset with one permute of shift_offset = offset | shift (every
+// offset is a multiple of 256). For positive_only maps it raises s to 2^-31 instead of clamping the
+// exponent: binade 0 never holds a midpoint, so that lands 0, -0 and negatives in +0's sub-bin.
 // The layout is usable when every sub-bin fits (<= 128 per sign, or 256) and no midpoint is 0 or below
 // 2^(kPlaneMinExponent - 127 + 1); otherwise the kernels keep the gather search (CodeLut::bins).
 #pragma once
@@ -42,7 +47,9 @@ struct BytePlanes {
   bool search_usable = false;
   bool positive_only = false;  // every midpoint > 0: negative values search as +0
   int32_t shift[kPlaneBinades];
-  int32_t offset[kPlaneBinades];  // modulo 2^32
+  int32_t offset[kPlaneBinades];  // modulo 2^32; always a multiple of 256
+  // offset[j] | shift[j], one dword per binade: the vector search looks up both with one permute.
+  uint32_t shift_offset[kPlaneBinades];
   uint8_t count[256];
   uint8_t thr_lo[256];
   uint8_t thr_hi[256];

@@ -96,7 +96,8 @@ struct OptimBlocks {
   // codes[k][0..len) are the state codes of the span (one byte per element), qmap[k] their code map (16
   // values when kFourBit: looked up in a register instead of gathered).
   // With a Pending block (not NoPending), the loop also requantizes it, the previous block (same length, a
-  // multiple of 2 Ops::N), as it goes: Pending::step(i) after vector i (Note [pipelined requantization]).
+  // multiple of 2 Ops::N), as it goes: Pending::step(i) after vector i, or step64(i) after the 64-element
+  // chunk at i (Note [pipelined requantization]).
   template <class Rule, class T, bool kFourBit = false, class Pending = NoPending>
   static void update_span(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t start, int64_t len,
                           const uint8_t* const* codes, const float* const* qmap, const float* am,
@@ -127,39 +128,45 @@ struct OptimBlocks {
     Pending pend;
     if constexpr (Pending::kActive) pend = *pending;
     int64_t i = 0;
-    // The dequantized states of the next vector are looked up one iteration ahead, so the lookups'
-    // latency (a gather) overlaps this vector's update.
-    F next[3];
-    // With byte planes (Note [gather-free lookups]) each 64-element chunk is looked up when its first
-    // vector is due, into one half of a ring the vector loop reads.
-    constexpr bool kPlanes = Ops::kBytePlanes && !kFourBit;
-    [[maybe_unused]] alignas(64) float ring[3][2][64];
-    [[maybe_unused]] const BytePlanes* planes[3];
-    if constexpr (kPlanes)
+    // With byte planes (Note [gather-free lookups]) the loop takes 64 elements at a time: each state's
+    // 64 codes are looked up into four vectors that the four steps read straight from registers, and a
+    // Pending block requantizes its matching 64 values (step64). Unrolled by hand, the loop has no
+    // per-vector bookkeeping left; a ring buffer in memory and a lambda call per vector had cost more
+    // than the lookups themselves.
+    if constexpr (Ops::kBytePlanes && !kFourBit) {
+      const BytePlanes* planes[3];
       for (int k = 0; k < Rule::kStates; ++k) planes[k] = &c.luts[k]->planes;
-    const int64_t planes_end = kPlanes ? len / 64 * 64 : 0;
-    auto dequantize = [&](int64_t at) {
-      if constexpr (kPlanes) {
-        if (at < planes_end) {
-          float* half[3];
-          for (int k = 0; k < Rule::kStates; ++k) half[k] = ring[k][(at / 64) & 1];
-          if (at % 64 == 0) {
-            for (int k = 0; k < Rule::kStates; ++k) {
-              F v[4];
-              lookup64<Ops>(code_in[k] + at, *planes[k], v);
-              for (int r = 0; r < 4; ++r) Ops::store(half[k] + r * Ops::N, Ops::mul(v[r], scale[k]));
-            }
-          }
-          for (int k = 0; k < Rule::kStates; ++k) next[k] = Ops::load(half[k] + at % 64);
-          return;
+      for (; i + 64 <= len; i += 64) {
+        F sv[3][4];
+        for (int k = 0; k < Rule::kStates; ++k) {
+          lookup64<Ops>(code_in[k] + i, *planes[k], sv[k]);
+          for (int q = 0; q < 4; ++q) sv[k][q] = Ops::mul(sv[k][q], scale[k]);
         }
+        for (int q = 0; q < 4; ++q) {
+          const int64_t j = i + q * Ops::N;
+          F pv = Ops::load(p + j);
+          F s[3];
+          for (int k = 0; k < Rule::kStates; ++k) s[k] = sv[k][q];
+          step_vector(rule, sc, skip_zeros, pv, Ops::load(g + j), s);
+          store_param<T>(tensor, start + j, pv);
+          for (int k = 0; k < Rule::kStates; ++k) {
+            Ops::store(out[k] + j, s[k]);
+            vmax[k] = Ops::max_u32(vmax[k], Ops::abs_bits(s[k]));
+          }
+        }
+        if constexpr (Pending::kActive) pend.template step64<Rule::kStates>(i);
       }
+    }
+    // The vector loop (the only one without byte planes): the dequantized states of the next vector
+    // are looked up one iteration ahead, so the lookups' latency (a gather) overlaps this vector's update.
+    F next[3];
+    auto dequantize = [&](int64_t at) KBIT_INLINE_LAMBDA {
       for (int k = 0; k < Rule::kStates; ++k) {
         const typename Ops::I idx = Ops::load_u8(code_in[k] + at);
         next[k] = Ops::mul(kFourBit ? Ops::lookup16(table[k], idx) : Ops::gather(map[k], idx), scale[k]);
       }
     };
-    if (len >= Ops::N) dequantize(0);
+    if (i + Ops::N <= len) dequantize(i);
     for (; i + Ops::N <= len; i += Ops::N) {
       F pv = Ops::load(p + i);
       F s[3];

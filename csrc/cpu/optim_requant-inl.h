@@ -18,6 +18,8 @@ struct NoPending {
   static constexpr bool kActive = false;
   template <int kStates>
   void step(int64_t) const {}
+  template <int kStates>
+  void step64(int64_t) const {}
 };
 
 // A block of 8-bit states whose new values wait in a buffer for requantization (Note [pipelined
@@ -56,6 +58,17 @@ struct PendingBlock {
         if ((i + Ops::N) % 64 == 0) quantize_chunk64(k, i + Ops::N - 64);
       } else {
         quantize_vector_one_round(k, i);
+      }
+    }
+  }
+  // step() for the four vectors [i, i + 64) (update_span's byte-plane loop; i is a multiple of 64).
+  template <int kStates>
+  KBIT_ALWAYS_INLINE void step64(int64_t i) const {
+    for (int k = 0; k < kStates; ++k) {
+      if (planes[k]) {
+        quantize_chunk64(k, i);
+      } else {
+        for (int q = 0; q < 4; ++q) quantize_vector_one_round(k, i + q * Ops::N);
       }
     }
   }

@@ -16,6 +16,9 @@
 // once a loop body grows, and every __m512 argument then goes through the stack (AdamW8bit's
 // step_vector and the byte-plane search were calls, by perf, at the avx512vbmi level).
 #define KBIT_ALWAYS_INLINE inline __attribute__((always_inline))
+// The same for a lambda (placed after its parameter list): a lambda in a hot loop is a call otherwise,
+// and a call clobbers every zmm register (all are caller-saved), so the loop's tables are reloaded.
+#define KBIT_INLINE_LAMBDA __attribute__((always_inline))
 
 namespace kbit {
 
