@@ -390,3 +390,24 @@ def test_pretrained_benchmark_reads_real_sentences_without_importing_them():
     spec.loader.exec_module(module)
     sentences = module.stdlib_sentences(50)
     assert len(sentences) == 50 and all(len(s.split()) >= 4 and "\n" not in s for s in sentences)
+
+
+def test_paired_timing_alternates_baseline_and_case():
+    """bench_optim's ratios come from steps that alternate with the baseline's (the machine drifts)."""
+    from kbit.benchmarks.timing import paired_median_seconds
+
+    calls = []
+    base, case = paired_median_seconds(lambda: calls.append("b"), lambda: calls.append("c"), repeats=4, warmup=1)
+    assert calls == ["b", "c"] * 5
+    assert base >= 0.0 and case >= 0.0
+
+
+def test_optimizer_benchmark_table_at_a_tiny_size(capsys):
+    from kbit.benchmarks.optim import CASES, main as optim_main
+
+    optim_main(["--params", "3000", "--tensors", "3", "--repeats", "2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 3K")]
+    assert [r.split("|")[2].strip() for r in rows] == [name for name, _, _ in CASES]
+    for r in rows:  # every row has a step time, a ratio and its memory columns filled in
+        cells = [c.strip() for c in r.split("|")[1:-1]]
+        assert float(cells[2]) >= 0.0 and cells[3].endswith("x") and float(cells[6]) >= 0.0

@@ -1,5 +1,6 @@
 """Optimizer step time on N fp32 tensors, as a ratio to torch.optim.AdamW(fused=True) in the same run
 (speedup: higher is better), plus the state bytes per parameter and the transient memory of a step.
+Each case's steps alternate with the baseline's, so both see the same machine (it is shared and noisy).
 
     python benchmarks/bench_optim.py                     # 12 tensors of 2048x2048 (~50M params)
     python benchmarks/bench_optim.py --params 1e6 4e8    # the same table at other sizes
@@ -10,12 +11,13 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import statistics
 
 import torch
 
 import kbit
 
-from .timing import format_table, median_seconds
+from .timing import format_table, paired_median_seconds
 
 
 def peak_rss_reset() -> None:
@@ -67,26 +69,38 @@ CASES = [
 
 
 def bench(total: float, count: int, repeats: int) -> list[list[str]]:
+    """One row per case. Each kbit case is timed alternately with the torch baseline (paired_median_seconds),
+    and its speedup is the ratio of that pair's medians; the baseline's row gives the median over all pairs."""
     params = make_params(total, count)
     n = sum(p.numel() for p in params)
-    rows = []
-    base = None
-    for name, make, target in CASES:
+    label = f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+    (base_name, make_base, _), cases = CASES[0], CASES[1:]
+    baseline = make_base(params)
+    baseline.step()
+    base_row = [label, base_name, "", "1.00x", "-", f"{state_bytes(baseline) / n:.2f}", ""]
+    base_times = []
+    rows = [base_row]
+    for name, make, target in cases:
         opt = make(params)
         opt.step()  # creates the state
         peak_rss_reset()
         before = rss_kib("VmRSS")
         opt.step()
         transient = (rss_kib("VmHWM") - before) * 1024 / n
-        seconds = median_seconds(opt.step, repeats=repeats, warmup=1)
-        base = base or seconds
+        base_seconds, seconds = paired_median_seconds(baseline.step, opt.step, repeats=repeats)
+        base_times.append(base_seconds)
         rows.append([
-            f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K", name, f"{seconds * 1e3:.1f}",
-            f"{base / seconds:.2f}x", f">= {target}x" if target else "-", f"{state_bytes(opt) / n:.2f}",
-            f"{max(transient, 0.0):.3f}",
+            label, name, f"{seconds * 1e3:.1f}", f"{base_seconds / seconds:.2f}x",
+            f">= {target}x" if target else "-", f"{state_bytes(opt) / n:.2f}", f"{max(transient, 0.0):.3f}",
         ])
         del opt
         gc.collect()
+    # The baseline's own transient memory, measured like the others' once they are gone.
+    peak_rss_reset()
+    before = rss_kib("VmRSS")
+    baseline.step()
+    base_row[2] = f"{statistics.median(base_times) * 1e3:.1f}"
+    base_row[6] = f"{max((rss_kib('VmHWM') - before) * 1024 / n, 0.0):.3f}"
     return rows
 
 
@@ -95,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=float, nargs="*", default=[12 * 2048 * 2048],
                         help="total parameter counts to measure (default: 12 x 2048 x 2048)")
     parser.add_argument("--tensors", type=int, default=12, help="number of equal square tensors (default 12)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed steps per case; the median is reported")
+    parser.add_argument("--repeats", type=int, default=9,
+                        help="timed steps per case, each beside a step of the baseline; medians are reported")
     args = parser.parse_args(argv)
     rows = []
     for total in args.params:

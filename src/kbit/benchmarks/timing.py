@@ -20,6 +20,26 @@ def median_seconds(fn: Callable[[], object], *, repeats: int = 15, warmup: int =
     return statistics.median(samples)
 
 
+def paired_median_seconds(baseline: Callable[[], object], fn: Callable[[], object], *, repeats: int = 15,
+                          warmup: int = 1) -> tuple[float, float]:
+    """Median wall times of ``baseline()`` and ``fn()``, run alternately ``repeats`` times each after
+    ``warmup`` runs of both. On a shared machine whose speed drifts over seconds, the ratio of the two
+    medians is then measured under the same conditions, which timing one after the other is not."""
+    for _ in range(warmup):
+        baseline()
+        fn()
+    base, samples = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        baseline()
+        t1 = time.perf_counter()
+        fn()
+        t2 = time.perf_counter()
+        base.append(t1 - t0)
+        samples.append(t2 - t1)
+    return statistics.median(base), statistics.median(samples)
+
+
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
     """A GitHub-flavoured markdown table."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
