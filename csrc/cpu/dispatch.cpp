@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <stdexcept>
+#include <string>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
@@ -59,6 +60,14 @@ CpuFeatures detect() {
 
 std::atomic<int> g_level{-1};
 
+// "scalar, avx2 (default 'avx2')": what an error about an unsupported level offers instead. The default
+// is not always the highest supported level (default_level() prefers avx512 on Intel CPUs with VBMI).
+std::string supported_summary() {
+  std::string names;
+  for (CpuLevel l : supported_levels()) names += std::string(names.empty() ? "" : ", ") + level_name(l);
+  return names + " (default '" + level_name(default_level()) + "')";
+}
+
 CpuLevel initial_level() {
   const char* env = std::getenv("KBIT_CPU_CAPABILITY");
   if (env == nullptr || *env == '\0') return default_level();
@@ -66,8 +75,8 @@ CpuLevel initial_level() {
   for (CpuLevel l : supported_levels())
     if (l == wanted) return wanted;
   throw std::invalid_argument(std::string("KBIT_CPU_CAPABILITY=") + env +
-                              " is not supported by this CPU/OS; the best available is '" +
-                              level_name(default_level()) + "'. Unset it or choose a lower level.");
+                              " is not supported by this CPU/OS; supported here: " + supported_summary() +
+                              ". Unset it or choose one of those.");
 }
 
 }  // namespace
@@ -138,7 +147,7 @@ void set_active_level(CpuLevel level) {
     }
   }
   throw std::invalid_argument(std::string("CPU capability '") + level_name(level) +
-                              "' is not supported here; the best available is '" + level_name(default_level()) + "'");
+                              "' is not supported here; supported here: " + supported_summary());
 }
 
 const KernelTable& active_kernels() {
