@@ -338,17 +338,34 @@ struct OptimBlocks {
         }
       }
       typename Ops::Acc16 acc_u = Ops::acc16_zero(), acc_p = Ops::acc16_zero();
+      // Vector `at` of the unit, given its states s: the sums and maxima, in lane order (Note [trust ratio]).
+      auto vector_step = [&](int64_t at, F* s) KBIT_INLINE_LAMBDA {
+        F pv = Ops::load(p + start + at);
+        Ops::acc16_add_sq(acc_p, pv, at);
+        const F u = step_vector(r, t.sc, c.skip_zeros, pv, Ops::load(g + start + at), s);
+        Ops::acc16_add_sq(acc_u, u, at);
+        for (int k = 0; k < Rule::kStates; ++k) vmax[k] = Ops::max_u32(vmax[k], Ops::abs_bits(s[k]));
+      };
       int64_t i = 0;
+      if constexpr (Ops::kBytePlanes) {  // 8-bit states looked up 64 at a time (Note [gather-free lookups])
+        if (c.eight_bit) {
+          for (; i + 64 <= len; i += 64) {
+            F sv[3][4];
+            for (int k = 0; k < Rule::kStates; ++k) lookup64<Ops>(t.codes[k] + start + i, c.luts[k]->planes, sv[k]);
+            for (int q = 0; q < 4; ++q) {
+              F s[3];
+              for (int k = 0; k < Rule::kStates; ++k) s[k] = Ops::mul(sv[k][q], Ops::set1(am[k]));
+              vector_step(i + q * Ops::N, s);
+            }
+          }
+        }
+      }
       for (; i + Ops::N <= len; i += Ops::N) {
-        F pv = Ops::load(p + start + i);
         F s[3];
         for (int k = 0; k < Rule::kStates; ++k)
           s[k] = c.eight_bit ? Ops::mul(Ops::gather(qmap[k], Ops::load_u8(t.codes[k] + start + i)), Ops::set1(am[k]))
                              : Ops::load(t.state32[k] + start + i);
-        Ops::acc16_add_sq(acc_p, pv, i);
-        const F u = step_vector(r, t.sc, c.skip_zeros, pv, Ops::load(g + start + i), s);
-        Ops::acc16_add_sq(acc_u, u, i);
-        for (int k = 0; k < Rule::kStates; ++k) vmax[k] = Ops::max_u32(vmax[k], Ops::abs_bits(s[k]));
+        vector_step(i, s);
       }
       Lanes16 lanes_u, lanes_p;
       Ops::acc16_store(acc_u, lanes_u.lane);
