@@ -51,17 +51,14 @@ struct PendingBlock {
     Ops::store_u8(codes[k] + i, code_first_round(Ops::mul(Ops::load(values[k] + i), inv[k]), lut[k].bins));
   }
   KBIT_ALWAYS_INLINE void quantize_chunk64(int k, int64_t i) const { quantize64(values[k] + i, inv[k], lut[k].clamp_free, lut[k], codes[k] + i); }
+  // Codes of vector i, after update_span's vector loop stepped it. No state there searches with byte
+  // planes: pipelinable() asks len % 64 == 0 of those, so their blocks go through the 64-element loop
+  // (step64) whole, and the vector loop only serves levels without planes and tails of one-round maps.
   template <int kStates>
   KBIT_ALWAYS_INLINE void step(int64_t i) const {
-    for (int k = 0; k < kStates; ++k) {
-      if (planes[k]) {
-        if ((i + Ops::N) % 64 == 0) quantize_chunk64(k, i + Ops::N - 64);
-      } else {
-        quantize_vector_one_round(k, i);
-      }
-    }
+    for (int k = 0; k < kStates; ++k) quantize_vector_one_round(k, i);
   }
-  // step() for the four vectors [i, i + 64) (update_span's byte-plane loop; i is a multiple of 64).
+  // Codes of the 64 values at i (update_span's byte-plane loop; i is a multiple of 64).
   template <int kStates>
   KBIT_ALWAYS_INLINE void step64(int64_t i) const {
     for (int k = 0; k < kStates; ++k) {
