@@ -405,9 +405,15 @@ def test_paired_timing_alternates_baseline_and_case():
 def test_optimizer_benchmark_table_at_a_tiny_size(capsys):
     from kbit.benchmarks.optim import CASES, main as optim_main
 
+    from kbit.benchmarks.optim import bitsandbytes_cases
+
     optim_main(["--params", "3000", "--tensors", "3", "--repeats", "2"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 3K")]
-    assert [r.split("|")[2].strip() for r in rows] == [name for name, _, _ in CASES]
+    expected = [name for name, _, _ in CASES + bitsandbytes_cases()]
+    assert [r.split("|")[2].strip() for r in rows] == expected
     for r in rows:  # every row has a step time, a ratio and its memory columns filled in
         cells = [c.strip() for c in r.split("|")[1:-1]]
         assert float(cells[2]) >= 0.0 and cells[3].endswith("x") and float(cells[6]) >= 0.0
+    optim_main(["--params", "3000", "--tensors", "3", "--repeats", "2", "--no-bitsandbytes"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 3K")]
+    assert [r.split("|")[2].strip() for r in rows] == [name for name, _, _ in CASES]

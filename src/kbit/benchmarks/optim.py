@@ -67,9 +67,26 @@ CASES = [
     ("kbit SGD8bit (momentum)", lambda ps: kbit.optim.SGD8bit(ps, lr=1e-3, momentum=0.9), None),
 ]
 
+# bitsandbytes' own CPU optimizers, measured beside kbit's where it is installed. They are one to two
+# orders of magnitude slower, so they get at most BNB_REPEATS timed steps.
+BNB_REPEATS = 3
 
-def bench(total: float, count: int, repeats: int) -> list[list[str]]:
-    """One row per case. Each kbit case is timed alternately with the torch baseline (paired_median_seconds),
+
+def bitsandbytes_cases() -> list:
+    """The bitsandbytes rows, or [] when bitsandbytes is not installed."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return []
+    return [
+        ("bitsandbytes AdamW 32-bit", lambda ps: bnb.optim.AdamW(ps, lr=1e-3), None),
+        ("bitsandbytes AdamW8bit", lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3), None),
+        ("bitsandbytes Lion8bit", lambda ps: bnb.optim.Lion8bit(ps, lr=1e-4), None),
+    ]
+
+
+def bench(total: float, count: int, repeats: int, with_bitsandbytes: bool = True) -> list[list[str]]:
+    """One row per case. Each case is timed alternately with the torch baseline (paired_median_seconds),
     and its speedup is the ratio of that pair's medians; the baseline's row gives the median over all pairs."""
     params = make_params(total, count)
     n = sum(p.numel() for p in params)
@@ -80,14 +97,17 @@ def bench(total: float, count: int, repeats: int) -> list[list[str]]:
     base_row = [label, base_name, "", "1.00x", "-", f"{state_bytes(baseline) / n:.2f}", ""]
     base_times = []
     rows = [base_row]
-    for name, make, target in cases:
+    timed = [(name, make, target, repeats) for name, make, target in cases]
+    if with_bitsandbytes:
+        timed += [(name, make, target, min(repeats, BNB_REPEATS)) for name, make, target in bitsandbytes_cases()]
+    for name, make, target, case_repeats in timed:
         opt = make(params)
         opt.step()  # creates the state
         peak_rss_reset()
         before = rss_kib("VmRSS")
         opt.step()
         transient = (rss_kib("VmHWM") - before) * 1024 / n
-        base_seconds, seconds = paired_median_seconds(baseline.step, opt.step, repeats=repeats)
+        base_seconds, seconds = paired_median_seconds(baseline.step, opt.step, repeats=case_repeats)
         base_times.append(base_seconds)
         rows.append([
             label, name, f"{seconds * 1e3:.1f}", f"{base_seconds / seconds:.2f}x",
@@ -111,10 +131,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tensors", type=int, default=12, help="number of equal square tensors (default 12)")
     parser.add_argument("--repeats", type=int, default=9,
                         help="timed steps per case, each beside a step of the baseline; medians are reported")
+    parser.add_argument("--no-bitsandbytes", action="store_true",
+                        help="leave out bitsandbytes' optimizers (measured by default when it is installed)")
     args = parser.parse_args(argv)
     rows = []
     for total in args.params:
-        rows += bench(total, args.tensors, args.repeats)
+        rows += bench(total, args.tensors, args.repeats, with_bitsandbytes=not args.no_bitsandbytes)
     print(f"kbit {kbit.__version__}, torch {torch.__version__}, CPU level {kbit.get_cpu_capability()}, "
           f"{torch.get_num_threads()} threads; speedup = torch fused AdamW step time / this step time")
     print(format_table(["params", "optimizer", "step ms", "speedup vs torch AdamW", "target", "state B/param",
