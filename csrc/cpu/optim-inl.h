@@ -128,6 +128,16 @@ struct OptimBlocks {
     }
     Pending pend;
     if constexpr (Pending::kActive) pend = *pending;
+    // Vector j of the span, given its dequantized states s: step, write the parameter, keep the new states.
+    auto vector_step = [&](int64_t j, F* s) KBIT_INLINE_LAMBDA {
+      F pv = Ops::load(p + j);
+      step_vector(rule, sc, skip_zeros, pv, Ops::load(g + j), s);
+      store_param<T>(tensor, start + j, pv);
+      for (int k = 0; k < Rule::kStates; ++k) {
+        Ops::store(out[k] + j, s[k]);
+        vmax[k] = Ops::max_u32(vmax[k], Ops::abs_bits(s[k]));
+      }
+    };
     int64_t i = 0;
     // With byte planes (Note [gather-free lookups]) the loop takes 64 elements at a time: each state's
     // 64 codes are looked up into four vectors that the four steps read straight from registers, and a
@@ -144,16 +154,9 @@ struct OptimBlocks {
           for (int q = 0; q < 4; ++q) sv[k][q] = Ops::mul(sv[k][q], scale[k]);
         }
         for (int q = 0; q < 4; ++q) {
-          const int64_t j = i + q * Ops::N;
-          F pv = Ops::load(p + j);
           F s[3];
           for (int k = 0; k < Rule::kStates; ++k) s[k] = sv[k][q];
-          step_vector(rule, sc, skip_zeros, pv, Ops::load(g + j), s);
-          store_param<T>(tensor, start + j, pv);
-          for (int k = 0; k < Rule::kStates; ++k) {
-            Ops::store(out[k] + j, s[k]);
-            vmax[k] = Ops::max_u32(vmax[k], Ops::abs_bits(s[k]));
-          }
+          vector_step(i + q * Ops::N, s);
         }
         if constexpr (Pending::kActive) pend.template step64<Rule::kStates>(i);
       }
@@ -169,16 +172,10 @@ struct OptimBlocks {
     };
     if (i + Ops::N <= len) dequantize(i);
     for (; i + Ops::N <= len; i += Ops::N) {
-      F pv = Ops::load(p + i);
       F s[3];
       for (int k = 0; k < Rule::kStates; ++k) s[k] = next[k];
       if (i + 2 * Ops::N <= len) dequantize(i + Ops::N);
-      step_vector(rule, sc, skip_zeros, pv, Ops::load(g + i), s);
-      store_param<T>(tensor, start + i, pv);
-      for (int k = 0; k < Rule::kStates; ++k) {
-        Ops::store(out[k] + i, s[k]);
-        vmax[k] = Ops::max_u32(vmax[k], Ops::abs_bits(s[k]));
-      }
+      vector_step(i, s);
       if constexpr (Pending::kActive) pend.template step<Rule::kStates>(i);
     }
     for (int k = 0; k < Rule::kStates; ++k) max_bits[k] = Ops::reduce_max_u32(vmax[k]);
