@@ -400,6 +400,16 @@ def test_paired_timing_alternates_baseline_and_case():
     base, case = paired_median_seconds(lambda: calls.append("b"), lambda: calls.append("c"), repeats=4, warmup=1)
     assert calls == ["b", "c"] * 5
     assert base >= 0.0 and case >= 0.0
+    with pytest.raises(ValueError, match="repeats must be at least 1"):
+        paired_median_seconds(lambda: None, lambda: None, repeats=0)
+
+
+def test_optimizer_benchmark_rejects_zero_repeats(capsys):
+    from kbit.benchmarks.optim import main as optim_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        optim_main(["--params", "3000", "--tensors", "3", "--repeats", "0"])
+    assert exit_info.value.code == 2 and "--repeats must be at least 1" in capsys.readouterr().err
 
 
 def test_optimizer_benchmark_table_at_a_tiny_size(capsys):

@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-bitsandbytes", action="store_true",
                         help="leave out bitsandbytes' optimizers (measured by default when it is installed)")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     rows = []
     for total in args.params:
         rows += bench(total, args.tensors, args.repeats, with_bitsandbytes=not args.no_bitsandbytes)

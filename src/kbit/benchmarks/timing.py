@@ -25,6 +25,8 @@ def paired_median_seconds(baseline: Callable[[], object], fn: Callable[[], objec
     """Median wall times of ``baseline()`` and ``fn()``, run alternately ``repeats`` times each after
     ``warmup`` runs of both. On a shared machine whose speed drifts over seconds, the ratio of the two
     medians is then measured under the same conditions, which timing one after the other is not."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     for _ in range(warmup):
         baseline()
         fn()
