@@ -22,6 +22,9 @@ PLANE_MAPS = {
     "dynamic": F.create_dynamic_map(signed=True),
     "udynamic": F.create_dynamic_map(signed=False),
     "linear": F.create_linear_map(),
+    "ulinear": F.create_linear_map(signed=False),
+    # Fewer decades: coarser low binades, so sub-bins straddle binades differently.
+    **{f"dynamic-e{e}": F.create_dynamic_map(signed=True, max_exponent_bits=e) for e in (1, 3, 5)},
 }
 
 
@@ -43,7 +46,11 @@ def _probe_values(code: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
     near = (bits[:, None] + offsets[None, :]).reshape(-1).view(torch.float32)
     spread = torch.exp2(-40 * torch.rand(20000, generator=rng)) * torch.sign(torch.randn(20000, generator=rng))
     special = torch.tensor([0.0, -0.0, 1e-38, -1e-38, 1.0, -1.0])
-    values = torch.cat([near, spread, special]).clamp(-1, 1)
+    # Both ends of every binade from 2^-40 up (sub-bins may hold the top of one binade and the bottom of
+    # the next), and the smallest floats.
+    edges = (torch.arange(-40, 1, dtype=torch.int32)[:, None] + 127 << 23) + torch.tensor([0, 1, 2, -1, -2, -3], dtype=torch.int32)
+    edges = torch.cat([edges.reshape(-1), torch.tensor([1, 2, 0x7FFFFF], dtype=torch.int32)]).view(torch.float32)
+    values = torch.cat([near, spread, special, edges, -edges]).clamp(-1, 1)
     blocks = torch.nn.functional.pad(values, (0, (-values.numel()) % 63)).view(-1, 63)
     return torch.cat([torch.ones(blocks.shape[0], 1), blocks], dim=1).reshape(-1)
 

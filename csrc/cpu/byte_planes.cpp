@@ -20,65 +20,93 @@ int formula_code(const BytePlanes& t, float s) {
   return int(t.count[sub]) + (p8 > t.thr_lo[sub]) + (p8 > t.thr_hi[sub]);
 }
 
-// Lays out the sub-bins; false when the map does not fit the scheme.
+// The base position and the number of positions of binade e (its exponent) in a finished layout.
+uint32_t binade_base(const BytePlanes& t, uint32_t e) {
+  const uint32_t j = e & uint32_t(kPlaneBinades - 1);
+  return t.offset[j] + (e << (23 - t.shift[j]));
+}
+uint32_t binade_span(const BytePlanes& t, uint32_t e) { return 1u << (23 - t.shift[e & uint32_t(kPlaneBinades - 1)]); }
+
+// Places the binades on the position line (Note [gather-free lookups]); false when the map does not fit.
+// Each binade takes the fewest positions (the largest shift) that keep at most two thresholds of each
+// sign in every sub-bin, counting those of the binades below that share its first sub-bin; it starts
+// right after the previous one (at the next position = shift mod 32) or, failing that, in a fresh sub-bin.
+bool lay_out_binades(const std::vector<uint32_t> (&mants)[kPlaneBinades][2], uint32_t e_min, uint32_t limit,
+                     BytePlanes* t) {
+  std::vector<int> load[2] = {std::vector<int>(limit / 256, 0), std::vector<int>(limit / 256, 0)};
+  uint32_t next = 0;
+  for (uint32_t e = e_min; e <= 127; ++e) {
+    const uint32_t j = e & uint32_t(kPlaneBinades - 1);
+    bool placed = false;
+    for (int s = kPlaneMaxShift; s >= 0 && !placed; --s) {
+      const uint32_t span = 1u << (23 - s);
+      for (uint32_t start : {next, (next + 255u) & ~255u}) {
+        const uint32_t base = start + ((uint32_t(s) - start) & 31u);
+        if (base + span > limit) continue;
+        std::vector<int> trial[2] = {load[0], load[1]};
+        bool fits = true;
+        for (int side = 0; side < 2 && fits; ++side)
+          for (uint32_t m : mants[j][side])
+            fits = fits && ++trial[side][(base + (m >> s)) >> 8] <= kPlaneMaxThresholdsPerBin;
+        if (!fits) continue;
+        load[0].swap(trial[0]);
+        load[1].swap(trial[1]);
+        t->shift[j] = s;
+        t->offset[j] = base - (e << (23 - s));
+        next = base + span;
+        placed = true;
+        break;
+      }
+    }
+    if (!placed) return false;
+  }
+  for (uint32_t e = e_min; e <= 127; ++e) {
+    const uint32_t j = e & uint32_t(kPlaneBinades - 1);
+    if ((t->offset[j] & 31u) != uint32_t(t->shift[j])) return false;  // the rotate count rides in the offset
+  }
+  return true;
+}
+
+// Lays out the sub-bins and fills the search tables; false when the map does not fit the scheme.
 bool build_search(const float* mids, BytePlanes* t) {
-  // |midpoint| bits per binade and sign.
-  std::vector<uint32_t> in_binade[kPlaneBinades][2];
+  // |midpoint| mantissas per binade (exponent mod 32) and sign.
+  std::vector<uint32_t> mants[kPlaneBinades][2];
   t->positive_only = true;
   for (int i = 0; i < 255; ++i) t->positive_only = t->positive_only && mids[i] > 0.0f;
-  const int max_sub_bins = t->positive_only ? 256 : kMaxSubBinsPerSign;
+  uint32_t e_min = 255;
   for (int i = 0; i < 255; ++i) {
     const uint32_t bits = f32_bits(mids[i]);
     const uint32_t a = bits & 0x7fffffffu, e = a >> 23;
-    // A midpoint at 0, in binade 0's shared sub-bin or beyond |s| < 2 cannot be placed.
-    if (e <= kPlaneMinExponent || e >= kPlaneMinExponent + kPlaneBinades) return false;
-    in_binade[e - kPlaneMinExponent][bits >> 31].push_back(a & 0x7fffffu);
+    // A midpoint at 0, below the lowest floor or at |s| >= 2 cannot be placed.
+    if (a == 0 || e < kPlaneMinExponent || e > 127) return false;
+    mants[e & uint32_t(kPlaneBinades - 1)][bits >> 31].push_back(a & 0x7fffffu);
+    e_min = std::min(e_min, e);
   }
-  int used = 0;
-  for (int j = 0; j < kPlaneBinades; ++j) {
-    const uint32_t e = kPlaneMinExponent + uint32_t(j);
-    if (in_binade[j][0].empty() && in_binade[j][1].empty()) {
-      t->shift[j] = 31;
-      t->offset[j] = int32_t(uint32_t(used) * 256u);
-      used += 1;
-      continue;
-    }
-    int b = 0;
-    for (; b <= 15; ++b) {
-      bool fits = true;
-      for (const auto& mants : in_binade[j]) {
-        std::vector<uint32_t> subs;
-        for (uint32_t m : mants) subs.push_back(m >> (23 - b));
-        std::sort(subs.begin(), subs.end());
-        for (size_t k = kPlaneMaxThresholdsPerBin; k < subs.size(); ++k)
-          if (subs[k] == subs[k - kPlaneMaxThresholdsPerBin]) fits = false;
-      }
-      if (fits) break;
-    }
-    if (b > 15) return false;  // more than two midpoints within 256 ulps of each other
-    t->shift[j] = 15 - b;
-    t->offset[j] = int32_t(uint32_t(used) * 256u - (e << (8 + b)));
-    used += 1 << b;
-    if (used > max_sub_bins) return false;
-  }
-  if (used > max_sub_bins) return false;
-  for (int j = 0; j < kPlaneBinades; ++j) {
-    if ((uint32_t(t->offset[j]) & 0xffu) != 0) return false;  // sub-bins start on multiples of 256
-    t->shift_offset[j] = uint32_t(t->offset[j]) | uint32_t(t->shift[j]);
-  }
-  // The lowest value of every sub-bin, in s order, gives its count: no in-bin midpoint is below it.
+  // A negative midpoint at -floor would change the codes of the values raised to it: floor one binade lower.
+  for (int i = 0; i < 255; ++i)
+    if (!t->positive_only && (f32_bits(mids[i]) & 0x7fffffffu) == (e_min << 23)) e_min -= 1;
+  if (e_min < kPlaneMinExponent) return false;
+  t->floor_bits = e_min << 23;
+  for (int j = 0; j < kPlaneBinades; ++j) t->shift[j] = kPlaneMaxShift, t->offset[j] = uint32_t(kPlaneMaxShift);
+  const uint32_t limit = (t->positive_only ? 256u : uint32_t(kMaxSubBinsPerSign)) * 256u;
+  if (!lay_out_binades(mants, e_min, limit, t)) return false;
+  // count[sub]: the code of the sub-bin's lowest value (the highest |s| for mirrored negative sub-bins).
   std::memset(t->count, 0, sizeof t->count);
-  for (int j = 0; j < kPlaneBinades; ++j) {
-    const uint32_t e = kPlaneMinExponent + uint32_t(j);
-    const int bins = t->shift[j] == 31 ? 1 : 1 << (15 - t->shift[j]);
-    const uint32_t width = t->shift[j] == 31 ? (1u << 23) : (1u << (23 - (15 - t->shift[j])));
-    for (int k = 0; k < bins; ++k) {
-      // Binade 0's sub-bin also holds everything smaller, down to 0.
-      const uint32_t low = (j == 0 && bins == 1) ? 0u : (e << 23) + uint32_t(k) * width;
-      const uint32_t high = (e << 23) + uint32_t(k + 1) * width - 1u;  // largest |s| bits in the sub-bin
-      const uint32_t pos = byte_plane_position(*t, low) >> 8;
-      t->count[pos] = nearest_code_index(f32_from_bits(low), mids);
-      if (!t->positive_only) t->count[255 - pos] = nearest_code_index(f32_from_bits(high | 0x80000000u), mids);
+  bool seen[256] = {};
+  for (uint32_t e = e_min; e <= 127; ++e) {  // ascending |s|
+    const uint32_t base = binade_base(*t, e), span = binade_span(*t, e);
+    const int s = t->shift[e & uint32_t(kPlaneBinades - 1)];
+    for (uint32_t w = base >> 8; w <= (base + span - 1) >> 8; ++w) {
+      // This binade's lowest and highest mantissa inside sub-bin w.
+      const uint64_t first = std::max<uint64_t>(base, uint64_t(w) * 256u) - base;
+      const uint64_t last = std::min<uint64_t>(base + span - 1, uint64_t(w) * 256u + 255u) - base;
+      const uint32_t low = (e << 23) | uint32_t(first << s);
+      const uint32_t high = (e << 23) | uint32_t(((last + 1) << s) - 1);
+      // The first binade reaching w holds its lowest value; the last one its highest |s|, which is the
+      // lowest value of the mirrored negative sub-bin.
+      if (!seen[w]) t->count[w] = nearest_code_index(f32_from_bits(low), mids);
+      seen[w] = true;
+      if (!t->positive_only) t->count[255 - w] = nearest_code_index(f32_from_bits(high | 0x80000000u), mids);
     }
   }
   std::memset(t->thr_lo, 255, sizeof t->thr_lo);
@@ -87,7 +115,6 @@ bool build_search(const float* mids, BytePlanes* t) {
     const uint32_t x = byte_plane_position(*t, f32_bits(mids[i]));
     const uint32_t sub = x >> 8;
     const uint8_t p8 = uint8_t(std::min<uint32_t>(x & 0xffu, 254u));
-    if (sub > 255) return false;
     if (t->thr_lo[sub] == 255) {
       t->thr_lo[sub] = p8;
     } else if (t->thr_hi[sub] == 255) {
@@ -97,19 +124,22 @@ bool build_search(const float* mids, BytePlanes* t) {
       return false;
     }
   }
-  // Self-check against the reference search at and around every midpoint and at the bin edges: a layout
-  // bug would otherwise be silently wrong codes.
-  for (int i = 0; i < 255; ++i) {
-    const uint32_t bits = f32_bits(mids[i]);
-    for (int d = -3; d <= 3; ++d) {
-      const float s = f32_from_bits(bits + uint32_t(d));
+  // Self-check against the reference search around every midpoint, at every binade's ends and at the
+  // floor: a layout bug would otherwise be silently wrong codes.
+  std::vector<uint32_t> probes;
+  for (int i = 0; i < 255; ++i)
+    for (int d = -3; d <= 3; ++d) probes.push_back(f32_bits(mids[i]) + uint32_t(d));
+  for (uint32_t e = e_min; e <= 127; ++e)
+    for (uint32_t m : {0u, 1u, 0x7ffffeu, 0x7fffffu}) probes.push_back((e << 23) | m);
+  for (uint32_t a : {0u, 1u, t->floor_bits - 1u, t->floor_bits, 0x3f800000u, 0x3f800001u}) probes.push_back(a);
+  for (uint32_t a : probes) {
+    for (uint32_t sign : {0u, 0x80000000u}) {
+      const float s = f32_from_bits((a & 0x7fffffffu) | sign);
       if (!(s >= -1.999f && s <= 1.999f)) continue;
       const int got = formula_code(*t, s);
       if (got >= 0 && got != nearest_code_index(s, mids)) return false;
     }
   }
-  for (float s : {0.0f, -0.0f, 1e-30f, -1e-30f, 1.0f, -1.0f, 1.0000001f, -1.0000001f})
-    if (formula_code(*t, s) >= 0 && formula_code(*t, s) != nearest_code_index(s, mids)) return false;
   return true;
 }
 

@@ -45,32 +45,27 @@ struct Ops : Avx512Ops {
     out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01_hi, w23_hi));
   }
 
-  // x = (a >> shift[j]) + offset[j] for the |s| bits a of 16 values in binade j, from one permute of
-  // BytePlanes::shift_offset (offset's low byte is 0, so the shift fits under it).
-  static KBIT_ALWAYS_INLINE __m512i shifted_position(__m512i a, __m512i e, __m512i so_lo, __m512i so_hi) {
-    const __m512i so = _mm512_permutex2var_epi32(so_lo, e, so_hi);
-    const __m512i low5 = _mm512_set1_epi32(31);
-    return _mm512_add_epi32(_mm512_srlv_epi32(a, _mm512_and_si512(so, low5)), _mm512_andnot_si512(low5, so));
+  // x = ror(u, shift[j]) + offset[j] for the raised value bits u of 16 values in binade j: one permute
+  // of BytePlanes::offset by the exponent (the permute reads the index's low five bits, so the sign
+  // above them does not matter), whose low five bits are the rotate count (Note [gather-free lookups]).
+  static KBIT_ALWAYS_INLINE __m512i shifted_position(__m512i u, __m512i off_lo, __m512i off_hi) {
+    const __m512i off = _mm512_permutex2var_epi32(off_lo, _mm512_srli_epi32(u, 23), off_hi);
+    return _mm512_add_epi32(_mm512_rorv_epi32(u, off), off);
   }
 
-  // The 16-bit positions x of 16 values (byte_plane_position).
-  static KBIT_ALWAYS_INLINE __m512i plane_position(__m512 s, __m512i so_lo, __m512i so_hi) {
-    const __m512i u = _mm512_castps_si512(s);
-    const __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
-    // e - kPlaneMinExponent modulo 32 is the binade: the permute reads only the index's low five bits.
-    const __m512i e = _mm512_max_epu32(_mm512_srli_epi32(a, 23), _mm512_set1_epi32(int(kPlaneMinExponent)));
-    const __m512i x = shifted_position(a, e, so_lo, so_hi);
+  // The 16-bit positions x of 16 values (byte_plane_position, in the low 16 bits of each lane).
+  static KBIT_ALWAYS_INLINE __m512i plane_position(__m512 s, __m512 floor, __m512i off_lo, __m512i off_hi) {
+    // max(|s|, floor) with s's sign: vrangeps, imm 0b0111 = larger magnitude, sign of the first source.
+    const __m512i u = _mm512_castps_si512(_mm512_range_ps(s, floor, 0x7));
+    const __m512i x = shifted_position(u, off_lo, off_hi);
     // x ^ (sign smeared & 0xffff): truth table of A ^ (B & C) is 0x78.
     return _mm512_ternarylogic_epi32(x, _mm512_srai_epi32(u, 31), _mm512_set1_epi32(0xffff), 0x78);
   }
 
-  // The same for a map with only positive midpoints, from values already raised to at least 2^-31: no
-  // sign to clear or mirror, and every exponent is >= kPlaneMinExponent. Binade 0 is one sub-bin (the
-  // builder places no midpoint there), so raising 0, -0 and negatives to 2^-31 gives them the position
-  // byte_plane_position gives +0.
-  static KBIT_ALWAYS_INLINE __m512i plane_position_positive(__m512 s, __m512i so_lo, __m512i so_hi) {
-    const __m512i a = _mm512_castps_si512(s);
-    return shifted_position(a, _mm512_srli_epi32(a, 23), so_lo, so_hi);
+  // The same for a map with only positive midpoints: max(s, floor) sends 0, -0 and negatives to the
+  // floor, +0's position, and leaves no sign to mirror.
+  static KBIT_ALWAYS_INLINE __m512i plane_position_positive(__m512 s, __m512 floor, __m512i off_lo, __m512i off_hi) {
+    return shifted_position(_mm512_castps_si512(_mm512_max_ps(s, floor)), off_lo, off_hi);
   }
 
   // Byte 1 of every dword of a and b in bytes 0-31, byte 0 in bytes 32-63 (a's lanes first).
@@ -85,14 +80,13 @@ struct Ops : Avx512Ops {
   // Exact nearest codes of 64 scaled values s[0..3] (|s| < 2, none NaN) into out[0, 64), Note [gather-free
   // lookups]: the byte-plane search, then the reference search for the rare ambiguous lanes.
   static KBIT_ALWAYS_INLINE void search64(const __m512 s_in[4], const BytePlanes& t, const float* mids, uint8_t* out) {
-    const __m512i so_lo = _mm512_loadu_si512(t.shift_offset), so_hi = _mm512_loadu_si512(t.shift_offset + 16);
+    const __m512i off_lo = _mm512_loadu_si512(t.offset), off_hi = _mm512_loadu_si512(t.offset + 16);
+    const __m512 floor = _mm512_castsi512_ps(_mm512_set1_epi32(int(t.floor_bits)));
     __m512i x[4];
     if (t.positive_only) {
-      const __m512 floor = _mm512_castsi512_ps(_mm512_set1_epi32(int(kPlaneMinExponent << 23)));
-      for (int r = 0; r < 4; ++r)
-        x[r] = plane_position_positive(_mm512_max_ps(s_in[r], floor), so_lo, so_hi);
+      for (int r = 0; r < 4; ++r) x[r] = plane_position_positive(s_in[r], floor, off_lo, off_hi);
     } else {
-      for (int r = 0; r < 4; ++r) x[r] = plane_position(s_in[r], so_lo, so_hi);
+      for (int r = 0; r < 4; ++r) x[r] = plane_position(s_in[r], floor, off_lo, off_hi);
     }
     const __m512i x01 = split_positions(x[0], x[1]), x23 = split_positions(x[2], x[3]);
     const __m512i sub = _mm512_shuffle_i64x2(x01, x23, 0x44);  // 128-bit lanes 0, 1 of each
