@@ -182,9 +182,25 @@ def test_normal_map_equals_bitsandbytes(args):
     (create_linear_map, dict(total_bits=0)),
     (create_dynamic_map, dict(total_bits=9)),
     (create_dynamic_map, dict(signed=True, max_exponent_bits=7, total_bits=7)),
+    (create_dynamic_map, dict(signed=False, max_exponent_bits=6)),
+    (create_dynamic_map, dict(signed=False, max_exponent_bits=2, total_bits=4)),
     (create_normal_map, dict(offset=0.5)),
     (create_normal_map, dict(offset=1.0)),
 ])
 def test_map_generator_argument_errors(fn, kwargs):
     with pytest.raises(ValueError):
         fn(**kwargs)
+
+
+@pytest.mark.parametrize("total_bits", range(2, 9))
+def test_every_accepted_dynamic_map_has_its_full_size(total_bits):
+    # Each combination either gives 2**total_bits sorted values (padded to 256) or a ValueError that
+    # names the fix, never the construction's own size mismatch.
+    for signed in (True, False):
+        for exponent_bits in range(1, total_bits + 1):
+            try:
+                code = create_dynamic_map(signed=signed, max_exponent_bits=exponent_bits, total_bits=total_bits)
+            except ValueError as e:
+                assert "max_exponent_bits" in str(e) and "internal" not in str(e)
+                continue
+            assert code.numel() == 256 and bool((code[1:] >= code[:-1]).all())

@@ -60,7 +60,9 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
 
     Each value is ``10**e * f`` for an exponent ``e`` (``max_exponent_bits`` decades below 1) and a
     linear fraction ``f`` in (0.1, 1), plus 0 and 1. With the defaults the result is bitsandbytes'
-    ``"dynamic"`` map (``signed=False``: its ``"udynamic"`` map for Adam's second moment).
+    ``"dynamic"`` map (``signed=False``: its ``"udynamic"`` map for Adam's second moment). An unsigned map
+    needs ``max_exponent_bits == total_bits - 1`` (only then does the construction give ``2**total_bits``
+    values; bitsandbytes stops on an assertion otherwise): others raise ``ValueError``.
 
     Returns:
         float32 tensor of 256 sorted values in [-1, 1].
@@ -72,6 +74,14 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
         raise ValueError(
             f"max_exponent_bits ({max_exponent_bits}) cannot exceed the {non_sign_bits} non-sign bits of a "
             f"{total_bits}-bit {'signed' if signed else 'unsigned'} map"
+        )
+    if not signed and max_exponent_bits != total_bits - 1:
+        # bitsandbytes' construction (kept for identical maps) fills exactly 2**total_bits entries of an
+        # unsigned map only then; bitsandbytes itself stops on an assertion for the others.
+        raise ValueError(
+            f"an unsigned dynamic map needs max_exponent_bits = total_bits - 1 = {total_bits - 1} "
+            f"(got {max_exponent_bits}: the construction would not give {2**total_bits} values); "
+            "use signed=True for other exponent widths"
         )
     # bitsandbytes counts the non-sign bits as total_bits - 1 for both signs; kept for identical maps.
     non_sign_bits = total_bits - 1
