@@ -427,3 +427,17 @@ def test_optimizer_benchmark_table_at_a_tiny_size(capsys):
     optim_main(["--params", "3000", "--tensors", "3", "--repeats", "2", "--no-bitsandbytes"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 3K")]
     assert [r.split("|")[2].strip() for r in rows] == [name for name, _, _ in CASES]
+
+
+def test_kernel_ab_benchmark_times_a_build_and_rejects_a_wrong_directory(tmp_path):
+    """benchmarks/bench_kernel_ab.py (BENCHMARKS.md's kernel A/B figures): one tiny round of the installed
+    kbit gives a positive ns/param and a 1.00x row; a directory without a kbit package is a usage error."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", "bench_kernel_ab.py")
+    result = subprocess.run([sys.executable, script, "--params", "4096", "--rounds", "1", "--repeats", "1",
+                             "--optimizer", "lion"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    row = result.stdout.strip().splitlines()[-1].split("|")
+    assert row[1].strip() == "installed" and float(row[2]) > 0 and row[4].strip() == "1.00x"
+    bad = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "holds no kbit package" in bad.stderr
