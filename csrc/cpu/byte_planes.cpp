@@ -21,11 +21,9 @@ int formula_code(const BytePlanes& t, float s) {
 }
 
 // The base position and the number of positions of binade e (its exponent) in a finished layout.
-uint32_t binade_base(const BytePlanes& t, uint32_t e) {
-  const uint32_t j = e & uint32_t(kPlaneBinades - 1);
-  return t.offset[j] + (e << (23 - t.shift[j]));
-}
-uint32_t binade_span(const BytePlanes& t, uint32_t e) { return 1u << (23 - t.shift[e & uint32_t(kPlaneBinades - 1)]); }
+uint32_t binade_shift(const BytePlanes& t, uint32_t e) { return plane_shift(t, e & uint32_t(kPlaneBinades - 1)); }
+uint32_t binade_base(const BytePlanes& t, uint32_t e) { return t.offset[e & uint32_t(kPlaneBinades - 1)] + (e << (23 - binade_shift(t, e))); }
+uint32_t binade_span(const BytePlanes& t, uint32_t e) { return 1u << (23 - binade_shift(t, e)); }
 
 // Places the binades on the position line (Note [gather-free lookups]); false when the map does not fit.
 // Each binade takes the fewest positions (the largest shift) that keep at most two thresholds of each
@@ -51,18 +49,13 @@ bool lay_out_binades(const std::vector<uint32_t> (&mants)[kPlaneBinades][2], uin
         if (!fits) continue;
         load[0].swap(trial[0]);
         load[1].swap(trial[1]);
-        t->shift[j] = s;
-        t->offset[j] = base - (e << (23 - s));
+        t->offset[j] = base - (e << (23 - s));  // = base = s (mod 32): (e << (23 - s)) is a multiple of 256
         next = base + span;
         placed = true;
         break;
       }
     }
     if (!placed) return false;
-  }
-  for (uint32_t e = e_min; e <= 127; ++e) {
-    const uint32_t j = e & uint32_t(kPlaneBinades - 1);
-    if ((t->offset[j] & 31u) != uint32_t(t->shift[j])) return false;  // the rotate count rides in the offset
   }
   return true;
 }
@@ -83,11 +76,12 @@ bool build_search(const float* mids, BytePlanes* t) {
     e_min = std::min(e_min, e);
   }
   // A negative midpoint at -floor would change the codes of the values raised to it: floor one binade lower.
-  for (int i = 0; i < 255; ++i)
-    if (!t->positive_only && (f32_bits(mids[i]) & 0x7fffffffu) == (e_min << 23)) e_min -= 1;
+  bool midpoint_at_floor = false;
+  for (int i = 0; i < 255; ++i) midpoint_at_floor |= (f32_bits(mids[i]) & 0x7fffffffu) == (e_min << 23);
+  if (midpoint_at_floor && !t->positive_only) e_min -= 1;
   if (e_min < kPlaneMinExponent) return false;
   t->floor_bits = e_min << 23;
-  for (int j = 0; j < kPlaneBinades; ++j) t->shift[j] = kPlaneMaxShift, t->offset[j] = uint32_t(kPlaneMaxShift);
+  for (int j = 0; j < kPlaneBinades; ++j) t->offset[j] = uint32_t(kPlaneMaxShift);  // binades below the floor: unused
   const uint32_t limit = (t->positive_only ? 256u : uint32_t(kMaxSubBinsPerSign)) * 256u;
   if (!lay_out_binades(mants, e_min, limit, t)) return false;
   // count[sub]: the code of the sub-bin's lowest value (the highest |s| for mirrored negative sub-bins).
@@ -95,7 +89,7 @@ bool build_search(const float* mids, BytePlanes* t) {
   bool seen[256] = {};
   for (uint32_t e = e_min; e <= 127; ++e) {  // ascending |s|
     const uint32_t base = binade_base(*t, e), span = binade_span(*t, e);
-    const int s = t->shift[e & uint32_t(kPlaneBinades - 1)];
+    const uint32_t s = binade_shift(*t, e);
     for (uint32_t w = base >> 8; w <= (base + span - 1) >> 8; ++w) {
       // This binade's lowest and highest mantissa inside sub-bin w.
       const uint64_t first = std::max<uint64_t>(base, uint64_t(w) * 256u) - base;

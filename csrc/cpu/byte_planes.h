@@ -8,8 +8,8 @@
 //
 // Searching (the exact nearest code of a scaled value s, Note [8-bit code search] in code_lut.h): s is
 // mapped to a 16-bit position x = sub-bin (high byte) and a position inside it (low byte, p8):
-//   a = max(|s| bits, floor_bits),  j = (a >> 23) mod 32 (the binade),  x = ((a >> shift[j]) + offset[j]) mod 2^16,
-//   and for negative s (sign bit set, -0 included) x ^= 0xffff.
+//   a = max(|s| bits, floor_bits),  j = (a >> 23) mod 32 (the binade),  shift[j] = offset[j] mod 32,
+//   x = ((a >> shift[j]) + offset[j]) mod 2^16,  and for negative s (sign bit set, -0 included) x ^= 0xffff.
 // floor_bits is the start of the lowest binade holding a midpoint: every smaller |s| has that value's
 // code (no midpoint lies below it), so the binades under it take no positions. Binade j keeps
 // 23 - shift[j] mantissa bits and gets the 2^(23 - shift[j]) positions from base[j]: offset[j] = base[j] -
@@ -32,7 +32,7 @@
 // positive sub-bins may use all 256 numbers.
 // The vector search is five operations per 16 values (seven with signs): raise |s| to the floor (one
 // vrangeps keeps the sign), permute offset[j] by the exponent, rotate a right by offset[j]'s low five
-// bits, which the builder makes equal to shift[j] (base[j] = shift[j] mod 32), and add offset[j]. The
+// bits, shift[j] (the builder starts each binade at base[j] = shift[j] mod 32), and add offset[j]. The
 // rotate equals the shift in the low 16 bits, the only ones read: shift <= 15, so the bits it brings
 // around, and the sign, land above bit 15.
 // The layout is usable when every sub-bin fits (<= 128 per sign, or 256), no midpoint is 0, below
@@ -53,8 +53,9 @@ struct BytePlanes {
   bool search_usable = false;
   bool positive_only = false;  // every midpoint > 0: negative values search as +0
   uint32_t floor_bits = 0;     // |s| bits are raised to this: the lowest binade holding a midpoint
-  int32_t shift[kPlaneBinades];    // by exponent mod 32; 0..kPlaneMaxShift
-  uint32_t offset[kPlaneBinades];  // modulo 2^32; offset[j] mod 32 == shift[j] (one permute gives both)
+  // By exponent mod 32, modulo 2^32. offset[j] mod 32 is binade j's shift (0..kPlaneMaxShift): one
+  // permute gives the vector search both.
+  uint32_t offset[kPlaneBinades];
   uint8_t count[256];
   uint8_t thr_lo[256];
   uint8_t thr_hi[256];
@@ -65,6 +66,9 @@ void build_byte_planes(const float* code, const float* mids, BytePlanes* out);
 // Fills only `planes` (dequantizing needs no search tables, nor a sorted code); search_usable = false.
 void build_byte_plane_lookup(const float* code, BytePlanes* out);
 
+// Binade j's shift: the low five bits of its offset.
+inline uint32_t plane_shift(const BytePlanes& t, uint32_t j) { return t.offset[j] & 31u; }
+
 // The 16-bit position x of Note [gather-free lookups] for the bits of a value s with |s| < 2: the scalar
 // statement of what the vector search computes, used by the builder and by tests.
 inline uint32_t byte_plane_position(const BytePlanes& t, uint32_t bits) {
@@ -72,7 +76,7 @@ inline uint32_t byte_plane_position(const BytePlanes& t, uint32_t bits) {
   uint32_t a = (t.positive_only && negative) ? 0u : (bits & 0x7fffffffu);
   if (a < t.floor_bits) a = t.floor_bits;
   const uint32_t j = (a >> 23) & uint32_t(kPlaneBinades - 1);
-  uint32_t x = ((a >> t.shift[j]) + t.offset[j]) & 0xffffu;
+  uint32_t x = ((a >> plane_shift(t, j)) + t.offset[j]) & 0xffffu;
   if (negative && !t.positive_only) x ^= 0xffffu;
   return x;
 }
