@@ -369,7 +369,7 @@ OP_LAYOUT = {"adam_step_": ((1, 1), (True, False)), "ademamix_step_": ((2, 1), (
 MODES = ["32bit", "8bit-blockwise", "8bit-tensorwise"]
 
 
-def _op_inputs(name, mode, dtype, sizes, seed, extra_2d=True):
+def _op_inputs(name, mode, dtype, sizes, seed, extra_2d=True, blocksize=256):
     """Random parameters, gradients (some exactly 0) and random *non-zero* states for one fused op call."""
     g = torch.Generator().manual_seed(seed)
     rows, signed = OP_LAYOUT[name]
@@ -390,7 +390,8 @@ def _op_inputs(name, mode, dtype, sizes, seed, extra_2d=True):
             states.append([torch.randint(0, 256, (r, *s) if r > 1 else s, generator=g, dtype=torch.uint8)
                            for s in shapes])
             if mode == "8bit-blockwise":
-                blocks = [(r, -(-math.prod(s) // 256)) if r > 1 else (-(-math.prod(s) // 256),) for s in shapes]
+                blocks = [(r, -(-math.prod(s) // blocksize)) if r > 1 else (-(-math.prod(s) // blocksize),)
+                          for s in shapes]
             else:
                 blocks = [(r,) for _ in shapes]
             absmaxes.append([torch.rand(b, generator=g) * (0.05 if sgn else 1e-4) + 1e-6 for b in blocks])
@@ -417,9 +418,9 @@ def _hyper(variant, max_unorm=0.0):
                 trust_eps=0.0)
 
 
-def _op_args(name, inputs, mode, h):
+def _op_args(name, inputs, mode, h, blocksize=256):
     params, grads, states, absmaxes, qmaps, t = inputs
-    blocksize = 256 if mode == "8bit-blockwise" else 0
+    blocksize = blocksize if mode == "8bit-blockwise" else 0
     gnorm = t["gnorm_scale"] if h["scale_gradients"] else [1.0] * len(params)
     common = (blocksize, t["lr"], t["step"], gnorm)
     max_unorm, wd, skip = h["max_unorm"], h["weight_decay"], h["skip_zeros"]
@@ -465,6 +466,21 @@ def test_native_op_equals_reference_op(name, mode, dtype, variant, cpu_level):
     getattr(reference_optim, name)(*ref_args)
     for i, (a, b) in enumerate(zip(_mutable(args), _mutable(ref_args))):
         assert_bitwise_equal(a, b, f"{name} {mode} tensor {i}")
+
+
+@pytest.mark.parametrize("blocksize", [1, 7, 64, 100, 1000, 2048, 4096])
+@pytest.mark.parametrize("name", ["adam_step_", "lion_step_"])
+def test_native_op_equals_reference_op_any_blocksize(name, blocksize, cpu_level):
+    """Block sizes that are not multiples of the vector widths or that hold several of Note [staged 8-bit
+    step]'s batches (or none) are the reference bit for bit too, with bf16 parameters and skip_zeros."""
+    inputs = _op_inputs(name, "8bit-blockwise", torch.bfloat16, [1, 63, 257, 4097, 9000], seed=blocksize,
+                        extra_2d=False, blocksize=blocksize)
+    args = _op_args(name, inputs, "8bit-blockwise", _hyper("decay-skip-scale"), blocksize=blocksize)
+    ref_args = _clone_args(args)
+    getattr(torch.ops.kbit, name)(*args)
+    getattr(reference_optim, name)(*ref_args)
+    for i, (a, b) in enumerate(zip(_mutable(args), _mutable(ref_args))):
+        assert_bitwise_equal(a, b, f"{name} blocksize {blocksize}: tensor {i}")
 
 
 def _clustered_map(spacing):

@@ -38,24 +38,75 @@ struct LutView {
         plane_search(Ops::kBytePlanes && l.planes.search_usable) {}
 };
 
-// Note [gather-free lookups]: the codes of the 64 values v[0, 64) times inv (clamped unless `clamp_free`),
-// for a finite block and a map with lut.plane_search. Ops without byte planes never call it (templates
-// over O, so that their bodies are only compiled for Ops that have byte planes).
-template <class O = Ops>
-KBIT_ALWAYS_INLINE void quantize64(const float* v, typename O::F inv, bool clamp_free, const LutView& lut, uint8_t* out) {
-  if constexpr (O::kBytePlanes) {
+// Note [gather-free lookups] over a span, 64 values at a time, with the map's tables in registers (Note
+// [register tables]). Each returns how many leading elements it did (a multiple of 64); the caller finishes
+// the tail. The *_planes forms are always inlined: called through a reference, the tables would be memory
+// again (a vector store may alias anything). They are templates over O, with bodies only for Ops that have byte planes, so that the other
+// levels compile the calls and never the permutes. The *_planes forms take tables a caller loaded once
+// for several spans (O::PlaneLookup, O::PlaneSearch); the *_span forms load them themselves.
+
+// out[j] = code[codes[j]] * scale, stored with one rounding.
+template <class O, class Tables, class T>
+KBIT_ALWAYS_INLINE int64_t dequantize_planes(const uint8_t* codes, int64_t len, const Tables& tables, float scale, T* out) {
+  const typename O::F vscale = O::set1(scale);
+  int64_t j = 0;
+  for (; j + 64 <= len; j += 64) {
+    typename O::F v[4];
+    O::lookup64(codes + j, tables, v);
+    for (int r = 0; r < 4; ++r) O::store(out + j + r * O::N, O::mul(v[r], vscale));
+  }
+  return j;
+}
+
+// The codes of x[j] * inv (clamped to [-1, 1] unless kClampFree), for a finite block.
+template <class O, bool kPositiveOnly, bool kClampFree, class Tables, class T>
+KBIT_ALWAYS_INLINE int64_t quantize_planes(const T* x, int64_t len, typename O::F inv, const Tables& tables, uint8_t* out) {
+  int64_t j = 0;
+  for (; j + 64 <= len; j += 64) {
     typename O::F s[4];
     for (int r = 0; r < 4; ++r) {
-      s[r] = O::mul(O::load(v + r * O::N), inv);
-      if (!clamp_free) s[r] = O::clamp_unit(s[r]);
+      s[r] = O::mul(O::load(x + j + r * O::N), inv);
+      if (!kClampFree) s[r] = O::clamp_unit(s[r]);
     }
-    O::search64(s, *lut.planes, lut.mids, out);
+    O::template search64<kPositiveOnly>(s, tables, out + j);
+  }
+  return j;
+}
+
+// The same, choosing the instantiation from the map (lut.plane_search must hold).
+template <class O, class Tables, class T>
+KBIT_ALWAYS_INLINE int64_t quantize_planes(const T* x, int64_t len, float inv, bool clamp_free, const LutView& lut, const Tables& tables,
+                        uint8_t* out) {
+  const typename O::F vinv = O::set1(inv);
+  if (lut.planes->positive_only)
+    return clamp_free ? quantize_planes<O, true, true>(x, len, vinv, tables, out)
+                      : quantize_planes<O, true, false>(x, len, vinv, tables, out);
+  return clamp_free ? quantize_planes<O, false, true>(x, len, vinv, tables, out)
+                    : quantize_planes<O, false, false>(x, len, vinv, tables, out);
+}
+
+template <class O = Ops, class T>
+int64_t dequantize_span(const uint8_t* codes, int64_t len, const BytePlanes& planes, float scale, T* out) {
+  if constexpr (O::kBytePlanes) {
+    return dequantize_planes<O>(codes, len, typename O::PlaneLookup(planes), scale, out);
+  } else {
+    return 0;
   }
 }
-// code[codes[i]] for i in [0, 64) as four vectors (Ops::lookup64).
-template <class O>
+
+template <class O = Ops, class T>
+int64_t quantize_span(const T* x, int64_t len, float inv, bool clamp_free, const LutView& lut, uint8_t* out) {
+  if constexpr (O::kBytePlanes) {
+    return quantize_planes<O>(x, len, inv, clamp_free, lut, typename O::PlaneSearch(*lut.planes, lut.mids), out);
+  } else {
+    return 0;
+  }
+}
+
+// code[codes[i]] for i in [0, 64) as four vectors, loading the planes for this one call.
+template <class O = Ops>
 KBIT_ALWAYS_INLINE void lookup64(const uint8_t* codes, const BytePlanes& planes, typename O::F* out) {
-  O::lookup64(codes, planes, out);
+  if constexpr (O::kBytePlanes) O::lookup64(codes, typename O::PlaneLookup(planes), out);
 }
 
 // The bin lookup and first compare round of Note [8-bit code search] for Ops::N non-NaN values: the exact
@@ -104,13 +155,7 @@ void quantize_blockwise(const T* x, int64_t n, int64_t blocksize, const CodeLut*
       const bool finite = finite_absmax(amax);
       int64_t i = 0;
       if constexpr (Ops::kBytePlanes) {
-        if (finite && view.plane_search) {
-          alignas(64) float v[64];
-          for (; i + 64 <= len; i += 64) {
-            for (int r = 0; r < 4; ++r) Ops::store(v + r * Ops::N, Ops::load(xb + i + r * Ops::N));
-            quantize64(v, vinv, false, view, qb + i);
-          }
-        }
+        if (finite && view.plane_search) i = quantize_span(xb, len, inv, false, view, qb);
       }
       for (; i + Ops::N <= len; i += Ops::N) {
         const typename Ops::F s = Ops::clamp_unit(Ops::mul(Ops::load(xb + i), vinv));
@@ -139,15 +184,8 @@ void dequantize_blockwise(const uint8_t* codes, int64_t n, int64_t blocksize, co
       const float scale = absmax[b];
       const typename Ops::F vscale = Ops::set1(scale);
       int64_t i = 0;
-      if constexpr (Ops::kBytePlanes) {
-        if (use_planes) {
-          for (; i + 64 <= len; i += 64) {
-            typename Ops::F v[4];
-            lookup64<Ops>(qb + i, planes, v);
-            for (int r = 0; r < 4; ++r) Ops::store(ob + i + r * Ops::N, Ops::mul(v[r], vscale));
-          }
-        }
-      }
+      if constexpr (Ops::kBytePlanes)
+        if (use_planes) i = dequantize_span(qb, len, planes, scale, ob);
       for (; i + Ops::N <= len; i += Ops::N) Ops::store(ob + i, Ops::mul(Ops::gather(code, Ops::load_u8(qb + i)), vscale));
       for (; i < len; ++i) from_f32(code[qb[i]] * scale, ob + i);
     }

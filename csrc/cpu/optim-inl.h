@@ -12,9 +12,10 @@
 inline constexpr int64_t kPrefetchBlocks = 6;
 
 #include "optim_requant-inl.h"
+#include "optim_step-inl.h"
+#include "optim_staged-inl.h"
 
-struct OptimBlocks {
-  using F = typename Ops::F;
+struct OptimBlocks : StepKernels {
 
   template <class Rule, class T>
   static void prefetch_block(const OptimTensor& t, int64_t start, int64_t blocksize) {
@@ -27,45 +28,6 @@ struct OptimBlocks {
     }
     for (int k = 0; k < Rule::kStates; ++k)
       for (int64_t j = 0; j < blocksize; j += 64) __builtin_prefetch(t.codes[k] + start + j, 1);
-  }
-
-  // Stores parameter elements [i, i + N) (Note [bf16 rounding], or Note [stochastic rounding]).
-  template <class T>
-  static void store_param(const OptimTensor& t, int64_t i, F v) {
-    T* p = static_cast<T*>(t.p) + i;
-    if constexpr (std::is_same_v<T, bf16_t>) {
-      if (t.stochastic_round) {
-        const uint64_t first = uint64_t(i);
-        if (uint32_t(first) <= 0xffffffffu - uint32_t(Ops::N - 1)) {  // the low halves of the indices do not wrap
-          Ops::store_stochastic(p, v, Ops::sr_bits(t.sr_seed, uint32_t(first), uint32_t(first >> 32)));
-        } else {
-          alignas(64) float lanes[Ops::N];
-          Ops::store(lanes, v);
-          for (int j = 0; j < Ops::N; ++j) write_param<T>(t, i + j, lanes[j]);
-        }
-        return;
-      }
-    }
-    Ops::store(p, v);
-  }
-
-  // Vector form of step_element(): gnorm scaling, the rule, p -= k u, skip_zeros. Returns u (0 where skipped).
-  template <class Rule>
-  static KBIT_ALWAYS_INLINE F step_vector(const Rule& r, const StepScalars& sc, bool skip_zeros, F& p, F g, F* s) {
-    g = Ops::mul(g, Ops::set1(sc.gnorm_scale));
-    const F p_old = p;
-    F s_old[3];
-    for (int k = 0; k < Rule::kStates; ++k) s_old[k] = s[k];
-    F u;
-    update<Ops>(r, p, g, s, &u);
-    p = Ops::sub(p, Ops::mul(Ops::set1(sc.k), u));
-    if (skip_zeros) {
-      const typename Ops::M zero = Ops::is_zero(g);
-      p = Ops::select(zero, p_old, p);
-      for (int k = 0; k < Rule::kStates; ++k) s[k] = Ops::select(zero, s_old[k], s[k]);
-      u = Ops::select(zero, Ops::zero(), u);
-    }
-    return u;
   }
 
   template <class Rule, class T>
@@ -91,14 +53,13 @@ struct OptimBlocks {
     }
   }
 
-  // Blocks [b0, b1) of an 8-bit blockwise state, Note [optimizer step].
   // The update pass over [start, start + len) of 8-bit states: dequantize (scales am), step, write the
   // parameter, keep the new states in buf and return their max |.| bit patterns (for the new absmax).
   // codes[k][0..len) are the state codes of the span (one byte per element), qmap[k] their code map (16
   // values when kFourBit: looked up in a register instead of gathered).
   // With a Pending block (not NoPending), the loop also requantizes it, the previous block (same length, a
-  // multiple of 2 Ops::N), as it goes: Pending::step(i) after vector i, or step64(i) after the 64-element
-  // chunk at i (Note [pipelined requantization]).
+  // multiple of 2 Ops::N), as it goes: Pending::step(i) after vector i (Note [pipelined requantization]).
+  // Levels with byte planes call it only for 4-bit states (Note [staged 8-bit step]).
   template <class Rule, class T, bool kFourBit = false, class Pending = NoPending>
   static void update_span(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t start, int64_t len,
                           const uint8_t* const* codes, const float* const* qmap, const float* am,
@@ -139,30 +100,8 @@ struct OptimBlocks {
       }
     };
     int64_t i = 0;
-    // With byte planes (Note [gather-free lookups]) the loop takes 64 elements at a time: each state's
-    // 64 codes are looked up into four vectors that the four steps read straight from registers, and a
-    // Pending block requantizes its matching 64 values (step64). The loop keeps no per-vector
-    // bookkeeping (an earlier version looked up into a ring buffer through a lambda that GCC compiled
-    // as a call: with every zmm register caller-saved, that cost more than the lookups).
-    if constexpr (Ops::kBytePlanes && !kFourBit) {
-      const BytePlanes* planes[3];
-      for (int k = 0; k < Rule::kStates; ++k) planes[k] = &c.luts[k]->planes;
-      for (; i + 64 <= len; i += 64) {
-        F sv[3][4];
-        for (int k = 0; k < Rule::kStates; ++k) {
-          lookup64<Ops>(code_in[k] + i, *planes[k], sv[k]);
-          for (int q = 0; q < 4; ++q) sv[k][q] = Ops::mul(sv[k][q], scale[k]);
-        }
-        for (int q = 0; q < 4; ++q) {
-          F s[3];
-          for (int k = 0; k < Rule::kStates; ++k) s[k] = sv[k][q];
-          vector_step(i + q * Ops::N, s);
-        }
-        if constexpr (Pending::kActive) pend.template step64<Rule::kStates>(i);
-      }
-    }
-    // The vector loop (the only one without byte planes): the dequantized states of the next vector
-    // are looked up one iteration ahead, so the lookups' latency (a gather) overlaps this vector's update.
+    // The dequantized states of the next vector are looked up one iteration ahead, so the lookups'
+    // latency (a gather) overlaps this vector's update.
     F next[3];
     auto dequantize = [&](int64_t at) KBIT_INLINE_LAMBDA {
       for (int k = 0; k < Rule::kStates; ++k) {
@@ -202,6 +141,18 @@ struct OptimBlocks {
   // Blocks [b0, b1) of an 8-bit blockwise state, Note [optimizer step].
   template <class Rule, class T>
   static void update8_blocks(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t b0, int64_t b1) {
+    if constexpr (Ops::kBytePlanes) {
+      StagedBlocks<Ops>::template update8_blocks<Rule, T>(c, t, r, b0, b1);
+    } else {
+      update8_blocks_gathered<Rule, T>(c, t, r, b0, b1);
+    }
+  }
+
+  // The same at levels that gather code values: one fused pass per block, pipelined with the previous
+  // block's requantization where the rule waits on the divider.
+  template <class Rule, class T>
+  static void update8_blocks_gathered(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t b0,
+                                      int64_t b1) {
     alignas(64) float buf[2][3][kMaxFusedBlock];
     PendingBlock pending;
     int64_t pending_len = 0;  // 0: no block waits
@@ -244,6 +195,16 @@ struct OptimBlocks {
   template <class Rule, class T>
   static void update8_fixed(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t begin, int64_t end,
                             const float* old_am, const float* new_am) {
+    if constexpr (Ops::kBytePlanes) {
+      StagedBlocks<Ops>::template update8_fixed<Rule, T>(c, t, r, begin, end, old_am, new_am);
+    } else {
+      update8_fixed_gathered<Rule, T>(c, t, r, begin, end, old_am, new_am);
+    }
+  }
+
+  template <class Rule, class T>
+  static void update8_fixed_gathered(const OptimCall<Rule>& c, const OptimTensor& t, const Rule& r, int64_t begin,
+                                     int64_t end, const float* old_am, const float* new_am) {
     static_assert(kChunk <= kMaxFusedBlock, "update_span buffers hold kMaxFusedBlock values");
     alignas(64) float buf[3][kMaxFusedBlock];
     uint32_t unused_max[3];
@@ -348,7 +309,7 @@ struct OptimBlocks {
         if (c.eight_bit) {
           for (; i + 64 <= len; i += 64) {
             F sv[3][4];
-            for (int k = 0; k < Rule::kStates; ++k) lookup64<Ops>(t.codes[k] + start + i, c.luts[k]->planes, sv[k]);
+            for (int k = 0; k < Rule::kStates; ++k) lookup64(t.codes[k] + start + i, c.luts[k]->planes, sv[k]);
             for (int q = 0; q < 4; ++q) {
               F s[3];
               for (int k = 0; k < Rule::kStates; ++k) s[k] = Ops::mul(sv[k][q], Ops::set1(am[k]));

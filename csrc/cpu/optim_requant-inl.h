@@ -1,13 +1,13 @@
-// optim_requant-inl.h — requantizing a block's new optimizer states (Note [pipelined requantization] in
-// optim-inl.h): the pending-block types update_span interleaves with the next block's update, and the
-// register binary search of 4-bit states. Included by optim-inl.h, inside each ISA unit's namespace.
+// optim_requant-inl.h — requantizing a block's new optimizer states: quantize_values, and for levels
+// without byte planes the pending-block types update_span interleaves with the next block's update (Note
+// [pipelined requantization] in optim-inl.h); the register binary search of 4-bit states. Included by
+// optim-inl.h, inside each ISA unit's namespace.
 
 // Codes of `len` values scaled by `inv` (Note [scaling rule]), exact nearest.
 inline void quantize_values(const float* v, int64_t len, float inv, bool finite, const LutView lut, uint8_t* codes) {
   const typename Ops::F vinv = Ops::set1(inv);
   int64_t j = 0;
-  if (finite && lut.plane_search)
-    for (; j + 64 <= len; j += 64) quantize64(v + j, vinv, false, lut, codes + j);
+  if (finite && lut.plane_search) j = quantize_span(v, len, inv, lut.clamp_free, lut, codes);
   for (; j + Ops::N <= len; j += Ops::N)
     Ops::store_u8(codes + j, code_indices(Ops::clamp_unit(Ops::mul(Ops::load(v + j), vinv)), lut, finite));
   for (; j < len; ++j) codes[j] = nearest_code_index(scale_and_clamp(v[j], inv), lut.mids);
@@ -18,19 +18,16 @@ struct NoPending {
   static constexpr bool kActive = false;
   template <int kStates>
   void step(int64_t) const {}
-  template <int kStates>
-  void step64(int64_t) const {}
 };
 
 // A block of 8-bit states whose new values wait in a buffer for requantization (Note [pipelined
-// requantization]).
+// requantization]). Levels with byte planes take Note [staged 8-bit step] instead.
 struct PendingBlock {
   static constexpr bool kActive = true;
   const float* values[3];
   typename Ops::F inv[3];  // Note [scaling rule]
   float inv_scalar[3];
   bool one_round[3];  // the search is code_first_round() alone
-  bool planes[3];     // the search is quantize64() (Note [gather-free lookups]), 64 values at a time
   bool finite[3];
   uint8_t* codes[3];
   LutView lut[3];
@@ -43,38 +40,23 @@ struct PendingBlock {
     // The clamp is skipped for maps whose search needs none (CodeLut::clamp_free); a non-finite block
     // takes the general search, which masks NaN.
     one_round[k] = finite[k] && lut[k].max_in_bin <= 1 && lut[k].clamp_free;
-    planes[k] = finite[k] && lut[k].plane_search;
     codes[k] = out;
   }
   // Codes of state k's values [i, i + Ops::N) when one_round[k].
   void quantize_vector_one_round(int k, int64_t i) const {
     Ops::store_u8(codes[k] + i, code_first_round(Ops::mul(Ops::load(values[k] + i), inv[k]), lut[k].bins));
   }
-  KBIT_ALWAYS_INLINE void quantize_chunk64(int k, int64_t i) const { quantize64(values[k] + i, inv[k], lut[k].clamp_free, lut[k], codes[k] + i); }
-  // Codes of vector i, after update_span's vector loop stepped it. No state there searches with byte
-  // planes: pipelinable() asks len % 64 == 0 of those, so their blocks go through the 64-element loop
-  // (step64) whole, and the vector loop only serves levels without planes and tails of one-round maps.
+  // Codes of vector i, after update_span's vector loop stepped it.
   template <int kStates>
   KBIT_ALWAYS_INLINE void step(int64_t i) const {
     for (int k = 0; k < kStates; ++k) quantize_vector_one_round(k, i);
-  }
-  // Codes of the 64 values at i (update_span's byte-plane loop; i is a multiple of 64).
-  template <int kStates>
-  KBIT_ALWAYS_INLINE void step64(int64_t i) const {
-    for (int k = 0; k < kStates; ++k) {
-      if (planes[k]) {
-        quantize_chunk64(k, i);
-      } else {
-        for (int q = 0; q < 4; ++q) quantize_vector_one_round(k, i + q * Ops::N);
-      }
-    }
   }
   // Whether step() can requantize a whole block of `len` values as update_span goes.
   template <int kStates>
   bool pipelinable(int64_t len) const {
     if (len % Ops::N != 0) return false;
     for (int k = 0; k < kStates; ++k)
-      if (planes[k] ? len % 64 != 0 : !one_round[k]) return false;
+      if (!one_round[k]) return false;
     return true;
   }
   template <int kStates>
@@ -86,8 +68,6 @@ struct PendingBlock {
         continue;
       }
       int64_t j = 0;
-      if (local.planes[k])
-        for (; j + 64 <= len; j += 64) local.quantize_chunk64(k, j);
       for (; j + Ops::N <= len; j += Ops::N) local.quantize_vector_one_round(k, j);
       for (; j < len; ++j)
         local.codes[k][j] = nearest_code_index(scale_and_clamp(local.values[k][j], local.inv_scalar[k]), local.lut[k].mids);
