@@ -441,3 +441,25 @@ def test_kernel_ab_benchmark_times_a_build_and_rejects_a_wrong_directory(tmp_pat
     assert row[1].strip() == "installed" and float(row[2]) > 0 and row[4].strip() == "1.00x"
     bad = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and "holds no kbit package" in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("avx512vbmi" not in kbit.supported_cpu_capabilities(), reason="this CPU has no AVX512-VBMI")
+def test_in_process_kernel_ab_harness_builds_and_compares_two_variants(tmp_path):
+    """benchmarks/kernel_ab (BENCHMARKS.md's in-process A/B figures): two builds of this tree, one with an
+    extra define, give two rows, the first with ratio 1.000, and the same numbers (no "different" note);
+    a variant that is not a checkout is a usage error naming the expected form."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    build = os.path.join(root, "benchmarks", "kernel_ab", "build.sh")
+    out = tmp_path / "ab"
+    made = subprocess.run(["bash", build, str(out), f"a:{root}", f"b:{root}:-DKBIT_UNUSED_DEFINE=1"],
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr[-2000:]
+    run = subprocess.run([str(out / "harness"), "lion", "4096", "3", "1", str(out / "maps")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split() for line in run.stdout.splitlines() if line.startswith("k_")]
+    assert [r[0] for r in rows] == ["k_a", "k_b"] and rows[0][7] == "1.000" and float(rows[1][2]) > 0
+    assert "different" not in run.stdout
+    bad = subprocess.run(["bash", build, str(out), f"c:{tmp_path}"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "NAME:SRCTREE" in bad.stderr
