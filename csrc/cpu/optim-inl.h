@@ -2,9 +2,11 @@
 // included by each ISA unit inside its namespace (after blockwise-inl.h: block quantization helpers).
 // One pass over memory per block: load parameter, gradient and state codes, dequantize in registers,
 // apply the rule (optim_rules.h), write the parameter, find the block's new absmax, requantize, store.
+// Levels with byte planes run their 8-bit states through Note [staged 8-bit step] (optim_staged-inl.h):
+// still one pass over memory, with the batch's states in an L1 buffer between the passes.
 // Tails end in step_element(), the per-element function the reference twin uses.
 
-// The block kernels are compute-bound enough (gathers, a divide) that the hardware prefetchers fall
+// The gathering block kernels are compute-bound enough (gathers, a divide) that the hardware prefetchers fall
 // behind on their five streams; fetching the block two ahead measured 10-20% faster on one thread
 // (Intel VM). On the Zen 4 VM, 50M params at 2 threads, 8 interleaved rounds against torch each:
 // distance 6 gave Lion8bit 1.27x / AdamW8bit 0.81x (medians) against 1.19x / 0.72x at 2, 1.23x / 0.74x
@@ -16,7 +18,6 @@ inline constexpr int64_t kPrefetchBlocks = 6;
 #include "optim_staged-inl.h"
 
 struct OptimBlocks : StepKernels {
-
   template <class Rule, class T>
   static void prefetch_block(const OptimTensor& t, int64_t start, int64_t blocksize) {
     if (start + blocksize > t.n) return;
