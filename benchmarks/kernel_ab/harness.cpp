@@ -17,8 +17,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/code_lut.h"
@@ -103,6 +105,19 @@ int main(int argc, char** argv) {
     d.codes2.assign(size_t(n), 0);
   }
 
+  // A one-tensor call of a rule with 8-bit blockwise states whose code maps are `luts`.
+  auto call_of = [&](const OptimTensor& t, const auto& rule, std::initializer_list<const CodeLut*> luts) {
+    OptimCall<std::decay_t<decltype(rule)>> c{};
+    c.tensors = &t;
+    c.rules = &rule;
+    c.ntensors = 1;
+    c.dtype = ParamDtype::kF32;
+    c.eight_bit = true;
+    c.blocksize = blocksize;
+    int k = 0;
+    for (const CodeLut* lut : luts) c.luts[k++] = lut;
+    return c;
+  };
   auto step = [&](int v, int64_t k) {
     Tensors& d = data[size_t(v)];
     OptimTensor t{};
@@ -119,16 +134,7 @@ int main(int argc, char** argv) {
       const AdamRule r{0.9f, 0.999f, 0.1f, float(1 - 0.999), 1e-8f, float(1 - 1e-3 * 1e-2), float(1 / bc2)};
       t.sc.k = float(1e-3 / bc1);
       t.unorm_factor = 1 / bc1;
-      OptimCall<AdamRule> c{};
-      c.tensors = &t;
-      c.rules = &r;
-      c.ntensors = 1;
-      c.dtype = ParamDtype::kF32;
-      c.eight_bit = true;
-      c.blocksize = blocksize;
-      c.luts[0] = lut1.get();
-      c.luts[1] = lut2.get();
-      kTables[v]->optim_adam(c, threads);
+      kTables[v]->optim_adam(call_of(t, r, {lut1.get(), lut2.get()}), threads);
     } else {
       LionRule r{};
       r.beta1 = 0.9f;
@@ -137,15 +143,7 @@ int main(int argc, char** argv) {
       r.omb2 = 0.01f;
       r.decay = float(1 - 1e-4 * 1e-2);
       t.sc.k = 1e-4f;
-      OptimCall<LionRule> c{};
-      c.tensors = &t;
-      c.rules = &r;
-      c.ntensors = 1;
-      c.dtype = ParamDtype::kF32;
-      c.eight_bit = true;
-      c.blocksize = blocksize;
-      c.luts[0] = lut1.get();
-      kTables[v]->optim_lion(c, threads);
+      kTables[v]->optim_lion(call_of(t, r, {lut1.get()}), threads);
     }
   };
 
