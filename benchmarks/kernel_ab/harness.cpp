@@ -1,4 +1,4 @@
-// In-process A/B timing of the avx512vbmi fused 8-bit optimizer kernels (Adam, Lion): several builds of
+// In-process A/B timing of the avx512vbmi fused optimizer kernels (Adam and Lion 8-bit, Adam 32-bit): several builds of
 // csrc/cpu/kernels_avx512vbmi.cpp, each compiled into its own namespace by build.sh, are called directly
 // (no Python, no torch) in interleaved time slices, so that every slice of one variant has a neighbour of
 // each other variant measured under the same load of this shared machine. The figure to read is the
@@ -7,7 +7,7 @@
 //
 //   harness OPTIMIZER PARAMS SLICES THREADS MAPDIR
 //
-// OPTIMIZER is adam or lion, PARAMS the elements of the one fp32 tensor, SLICES the slices per variant,
+// OPTIMIZER is adam or lion (8-bit blockwise states) or adam32 (32-bit states), PARAMS the elements of the one fp32 tensor, SLICES the slices per variant,
 // THREADS the kernel's thread count (1: thread CPU time; more: wall time), MAPDIR the directory holding
 // signed.bin and unsigned.bin (the dynamic maps as 256 float32 each, written by build.sh).
 #include <time.h>
@@ -67,7 +67,7 @@ std::vector<float> read_map(const std::string& path) {
 
 // One variant's copy of the tensors, so that every variant steps the same numbers.
 struct Tensors {
-  std::vector<float> p, g, absmax1, absmax2;
+  std::vector<float> p, g, absmax1, absmax2, state1, state2;
   std::vector<uint8_t> codes1, codes2;
 };
 
@@ -75,14 +75,14 @@ struct Tensors {
 
 int main(int argc, char** argv) {
   if (argc != 6) {
-    fprintf(stderr, "usage: %s adam|lion PARAMS SLICES THREADS MAPDIR\n", argv[0]);
+    fprintf(stderr, "usage: %s adam|lion|adam32 PARAMS SLICES THREADS MAPDIR\n", argv[0]);
     return 2;
   }
   const std::string op = argv[1];
   const int64_t n = atoll(argv[2]);
   const int slices = atoi(argv[3]), threads = atoi(argv[4]);
-  if ((op != "adam" && op != "lion") || n < 256 || slices < 1 || threads < 1) {
-    fprintf(stderr, "bad arguments: optimizer adam or lion, PARAMS >= 256, SLICES and THREADS >= 1\n");
+  if ((op != "adam" && op != "lion" && op != "adam32") || n < 256 || slices < 1 || threads < 1) {
+    fprintf(stderr, "bad arguments: optimizer adam, lion or adam32, PARAMS >= 256, SLICES and THREADS >= 1\n");
     return 2;
   }
   const std::vector<float> signed_map = read_map(std::string(argv[5]) + "/signed.bin");
@@ -103,6 +103,10 @@ int main(int argc, char** argv) {
     d.absmax2.assign(size_t(blocks), 1e-6f);
     d.codes1.assign(size_t(n), 128);
     d.codes2.assign(size_t(n), 0);
+    if (op == "adam32") {
+      d.state1.assign(size_t(n), 0.0f);
+      d.state2.assign(size_t(n), 0.0f);
+    }
   }
 
   // A one-tensor call of a rule with 8-bit blockwise states whose code maps are `luts`.
@@ -112,8 +116,8 @@ int main(int argc, char** argv) {
     c.rules = &rule;
     c.ntensors = 1;
     c.dtype = ParamDtype::kF32;
-    c.eight_bit = true;
-    c.blocksize = blocksize;
+    c.eight_bit = luts.size() > 0;
+    c.blocksize = c.eight_bit ? blocksize : 0;
     int k = 0;
     for (const CodeLut* lut : luts) c.luts[k++] = lut;
     return c;
@@ -129,12 +133,17 @@ int main(int argc, char** argv) {
     t.absmax[0] = d.absmax1.data();
     t.absmax[1] = d.absmax2.data();
     t.sc.gnorm_scale = 1.0f;
-    if (op == "adam") {
+    t.state32[0] = d.state1.data();
+    t.state32[1] = d.state2.data();
+    if (op == "adam" || op == "adam32") {
       const double bc1 = 1 - std::pow(0.9, double(k)), bc2 = std::sqrt(1 - std::pow(0.999, double(k)));
       const AdamRule r{0.9f, 0.999f, 0.1f, float(1 - 0.999), 1e-8f, float(1 - 1e-3 * 1e-2), float(1 / bc2)};
       t.sc.k = float(1e-3 / bc1);
       t.unorm_factor = 1 / bc1;
-      kTables[v]->optim_adam(call_of(t, r, {lut1.get(), lut2.get()}), threads);
+      if (op == "adam")
+        kTables[v]->optim_adam(call_of(t, r, {lut1.get(), lut2.get()}), threads);
+      else
+        kTables[v]->optim_adam(call_of(t, r, {}), threads);
     } else {
       LionRule r{};
       r.beta1 = 0.9f;
@@ -164,7 +173,8 @@ int main(int argc, char** argv) {
   }
   for (int v = 1; v < kVariants; ++v) {
     const Tensors &a = data[size_t(v)], &b = data[0];
-    if (a.codes1 != b.codes1 || a.codes2 != b.codes2 || a.p != b.p || a.absmax1 != b.absmax1 || a.absmax2 != b.absmax2)
+    if (a.codes1 != b.codes1 || a.codes2 != b.codes2 || a.p != b.p || a.absmax1 != b.absmax1 ||
+        a.absmax2 != b.absmax2 || a.state1 != b.state1 || a.state2 != b.state2)
       printf("note: %s computes different numbers than %s\n", kNames[v], kNames[0]);
   }
   printf("%s, %lld params, %d thread(s), %d slices; ns/param, paired ratio = median over slices of this/first\n",
