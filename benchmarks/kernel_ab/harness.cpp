@@ -1,15 +1,16 @@
-// In-process A/B timing of the avx512vbmi fused optimizer kernels (Adam and Lion 8-bit, Adam 32-bit): several builds of
-// csrc/cpu/kernels_avx512vbmi.cpp, each compiled into its own namespace by build.sh, are called directly
-// (no Python, no torch) in interleaved time slices, so that every slice of one variant has a neighbour of
-// each other variant measured under the same load of this shared machine. The figure to read is the
-// median over slices of variant/first-variant ("paired ratio"): ~1% resolution where process-level A/B
+// In-process A/B timing of the avx512vbmi fused optimizer kernels (Adam and Lion 8-bit, Adam 32-bit):
+// several builds of csrc/cpu/kernels_avx512vbmi.cpp, each compiled into its own namespace by build.sh, are
+// called directly (no Python, no torch) in interleaved time slices, so that every slice of one variant has a
+// neighbour of each other variant measured under the same load of this shared machine. The figure to read is
+// the median over slices of variant/first-variant ("paired ratio"): ~1% resolution where process-level A/B
 // (bench_kernel_ab.py) needs ~5%.
 //
 //   harness OPTIMIZER PARAMS SLICES THREADS MAPDIR
 //
-// OPTIMIZER is adam or lion (8-bit blockwise states) or adam32 (32-bit states), PARAMS the elements of the one fp32 tensor, SLICES the slices per variant,
-// THREADS the kernel's thread count (1: thread CPU time; more: wall time), MAPDIR the directory holding
-// signed.bin and unsigned.bin (the dynamic maps as 256 float32 each, written by build.sh).
+// OPTIMIZER is adam or lion (8-bit blockwise states) or adam32 (32-bit states), PARAMS the elements of the
+// one fp32 tensor, SLICES the slices per variant, THREADS the kernel's thread count (1: thread CPU time;
+// more: wall time), MAPDIR the directory holding signed.bin and unsigned.bin (the dynamic maps as 256
+// float32 each, written by build.sh).
 #include <time.h>
 
 #include <algorithm>

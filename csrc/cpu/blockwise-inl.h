@@ -40,14 +40,15 @@ struct LutView {
 
 // Note [gather-free lookups] over a span, 64 values at a time, with the map's tables in registers (Note
 // [register tables]). Each returns how many leading elements it did (a multiple of 64); the caller finishes
-// the tail. The *_planes forms are always inlined: called through a reference, the tables would be memory
-// again (a vector store may alias anything). They are templates over O, with bodies only for Ops that have byte planes, so that the other
-// levels compile the calls and never the permutes. The *_planes forms take tables a caller loaded once
-// for several spans (O::PlaneLookup, O::PlaneSearch); the *_span forms load them themselves.
+// the tail. The *_planes forms take tables a caller loaded once for several spans (O::PlaneLookup,
+// O::PlaneSearch) and are always inlined: called through a reference, the tables would be memory again (a
+// vector store may alias anything). The *_span forms load the tables themselves. All are templates over O
+// whose bodies only exist for Ops with byte planes, so the other levels compile the calls, not the permutes.
 
 // out[j] = code[codes[j]] * scale, stored with one rounding.
 template <class O, class Tables, class T>
-KBIT_ALWAYS_INLINE int64_t dequantize_planes(const uint8_t* codes, int64_t len, const Tables& tables, float scale, T* out) {
+KBIT_ALWAYS_INLINE int64_t dequantize_planes(const uint8_t* codes, int64_t len, const Tables& tables, float scale,
+                                             T* out) {
   const typename O::F vscale = O::set1(scale);
   int64_t j = 0;
   for (; j + 64 <= len; j += 64) {
@@ -60,7 +61,8 @@ KBIT_ALWAYS_INLINE int64_t dequantize_planes(const uint8_t* codes, int64_t len, 
 
 // The codes of x[j] * inv (clamped to [-1, 1] unless kClampFree), for a finite block.
 template <class O, bool kPositiveOnly, bool kClampFree, class Tables, class T>
-KBIT_ALWAYS_INLINE int64_t quantize_planes(const T* x, int64_t len, typename O::F inv, const Tables& tables, uint8_t* out) {
+KBIT_ALWAYS_INLINE int64_t quantize_planes(const T* x, int64_t len, typename O::F inv, const Tables& tables,
+                                           uint8_t* out) {
   int64_t j = 0;
   for (; j + 64 <= len; j += 64) {
     typename O::F s[4];
@@ -75,8 +77,8 @@ KBIT_ALWAYS_INLINE int64_t quantize_planes(const T* x, int64_t len, typename O::
 
 // The same, choosing the instantiation from the map (lut.plane_search must hold).
 template <class O, class Tables, class T>
-KBIT_ALWAYS_INLINE int64_t quantize_planes(const T* x, int64_t len, float inv, bool clamp_free, const LutView& lut, const Tables& tables,
-                        uint8_t* out) {
+KBIT_ALWAYS_INLINE int64_t quantize_planes(const T* x, int64_t len, float inv, bool clamp_free, const LutView& lut,
+                                           const Tables& tables, uint8_t* out) {
   const typename O::F vinv = O::set1(inv);
   if (lut.planes->positive_only)
     return clamp_free ? quantize_planes<O, true, true>(x, len, vinv, tables, out)
@@ -154,9 +156,7 @@ void quantize_blockwise(const T* x, int64_t n, int64_t blocksize, const CodeLut*
       const LutView view(*lut);
       const bool finite = finite_absmax(amax);
       int64_t i = 0;
-      if constexpr (Ops::kBytePlanes) {
-        if (finite && view.plane_search) i = quantize_span(xb, len, inv, false, view, qb);
-      }
+      if (finite && view.plane_search) i = quantize_span(xb, len, inv, false, view, qb);
       for (; i + Ops::N <= len; i += Ops::N) {
         const typename Ops::F s = Ops::clamp_unit(Ops::mul(Ops::load(xb + i), vinv));
         Ops::store_u8(qb + i, code_indices(s, view, finite));
@@ -184,8 +184,7 @@ void dequantize_blockwise(const uint8_t* codes, int64_t n, int64_t blocksize, co
       const float scale = absmax[b];
       const typename Ops::F vscale = Ops::set1(scale);
       int64_t i = 0;
-      if constexpr (Ops::kBytePlanes)
-        if (use_planes) i = dequantize_span(qb, len, planes, scale, ob);
+      if (use_planes) i = dequantize_span(qb, len, planes, scale, ob);
       for (; i + Ops::N <= len; i += Ops::N) Ops::store(ob + i, Ops::mul(Ops::gather(code, Ops::load_u8(qb + i)), vscale));
       for (; i < len; ++i) from_f32(code[qb[i]] * scale, ob + i);
     }
